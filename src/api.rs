@@ -1,0 +1,252 @@
+//! The `kms_sidecar.v1.KeyService` gRPC service: request validation and
+//! limits, then the keyring for data keys and the envelope for the data.
+//! Errors leave through [`crate::status::to_status`] only.
+
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use zeroize::Zeroize;
+
+use crate::config::ServiceConfig;
+use crate::envelope::{self, EncryptionContext};
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::proto::key_service_server::KeyService;
+use crate::proto::{
+    GenerateDataKeyRequest, GenerateDataKeyResponse, UnwrapRequest, UnwrapResponse, WrapRequest,
+    WrapResponse,
+};
+use crate::status::to_status;
+
+/// Most bytes GenerateDataKey returns (the KMS limit).
+pub const MAX_DATA_KEY_BYTES: u32 = 1024;
+/// Protobuf framing and the key_id field of a reply, beyond its payload.
+const REPLY_FIELD_OVERHEAD: usize = 2048 + 16;
+
+/// The service, cheap to clone (one per listener).
+#[derive(Debug, Clone)]
+pub struct KeyServiceImpl {
+    keyring: Arc<Keyring>,
+    config: ServiceConfig,
+    rng: SystemRandom,
+}
+
+impl KeyServiceImpl {
+    /// A service over `keyring` with `config`'s limits.
+    pub fn new(keyring: Arc<Keyring>, config: ServiceConfig) -> Self {
+        Self {
+            keyring,
+            config,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: GenerateDataKeyRequest,
+    ) -> Result<GenerateDataKeyResponse, Error> {
+        let n = match req.number_of_bytes {
+            0 => 32,
+            n @ 1..=MAX_DATA_KEY_BYTES => n,
+            n => {
+                return Err(Error::InvalidRequest(format!(
+                    "number_of_bytes {n} is out of range: use 1 to {MAX_DATA_KEY_BYTES} (0 means 32)"
+                )));
+            }
+        };
+        let context = EncryptionContext::from_request(
+            req.encryption_context,
+            self.config.limits.max_context_bytes,
+        )?;
+        let key_id = self.keyring.resolve(&req.key_id)?;
+        tracing::Span::current().record("key_id", key_id);
+        let generated = self
+            .keyring
+            .generate(key_id, &context, n as usize, !req.without_plaintext)
+            .await?;
+        let ciphertext_blob = match &*self.keyring {
+            // KMS: the CiphertextBlob itself, so kms:Decrypt opens it.
+            Keyring::AwsKms(_) => generated.encrypted.ciphertext,
+            // Local: the self-describing ESDK encrypted-data-key structure.
+            Keyring::Local(_) => {
+                let mut out = Vec::new();
+                generated.encrypted.write_to(&mut out)?;
+                out
+            }
+        };
+        Ok(GenerateDataKeyResponse {
+            key_id: generated.key_id,
+            plaintext: generated
+                .plaintext
+                .map(|p| p.into_exposed_vec())
+                .unwrap_or_default(),
+            ciphertext_blob,
+        })
+    }
+
+    async fn wrap(&self, mut req: WrapRequest) -> Result<WrapResponse, Error> {
+        let result = self.wrap_inner(&mut req).await;
+        req.plaintext.zeroize();
+        result
+    }
+
+    async fn wrap_inner(&self, req: &mut WrapRequest) -> Result<WrapResponse, Error> {
+        let limit = self.config.max_wrap_plaintext();
+        if req.plaintext.len() > limit {
+            return Err(Error::PayloadTooLarge {
+                what: "Wrap plaintext",
+                size: req.plaintext.len() as u64,
+                limit: limit as u64,
+                hint: "; unary Wrap keeps its reply within the gRPC message limit, so split \
+                       larger data or raise --max-message-bytes (clients must accept replies \
+                       that large)",
+            });
+        }
+        let context = EncryptionContext::from_request(
+            std::mem::take(&mut req.encryption_context),
+            self.config.limits.max_context_bytes,
+        )?;
+        let key_id = self.keyring.resolve(&req.key_id)?.to_owned();
+        tracing::Span::current().record("key_id", key_id.as_str());
+        let (data_key, edk) = self.keyring.generate_message_key(&key_id, &context).await?;
+        let envelope = envelope::seal(
+            &data_key,
+            context,
+            vec![edk],
+            self.config.frame_length,
+            &req.plaintext,
+            &self.rng,
+        )?;
+        let reply = envelope.len() + key_id.len() + REPLY_FIELD_OVERHEAD;
+        if reply > self.config.max_message_bytes {
+            return Err(Error::PayloadTooLarge {
+                what: "Wrap reply",
+                size: reply as u64,
+                limit: self.config.max_message_bytes as u64,
+                hint: "; use a smaller plaintext or encryption context",
+            });
+        }
+        Ok(WrapResponse { envelope, key_id })
+    }
+
+    async fn unwrap(&self, req: UnwrapRequest) -> Result<UnwrapResponse, Error> {
+        let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
+            .ok_or(Error::auth("envelope shorter than its header"))?;
+        let supplied = EncryptionContext::from_pairs(req.encryption_context);
+        if !parsed.header.context.matches_ignoring_reserved(&supplied) {
+            return Err(Error::auth("encryption context differs"));
+        }
+        let (data_key, key_id) = self
+            .keyring
+            .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
+            .await?;
+        tracing::Span::current().record("key_id", key_id.as_str());
+        let plaintext = envelope::open(&parsed, &data_key, &req.envelope)?;
+        Ok(UnwrapResponse {
+            plaintext,
+            key_id,
+            encryption_context: parsed.header.context.to_hash_map(),
+        })
+    }
+}
+
+/// Logs a failed call (reason and class only) and converts it.
+fn fail(err: &Error, supplied_context_keys: &[&str]) -> Status {
+    let status = to_status(err, supplied_context_keys);
+    match err {
+        Error::DecryptAuthFailed { detail } => {
+            tracing::info!(code = ?status.code(), class = ?err.class(), detail, "request failed");
+        }
+        _ => tracing::info!(code = ?status.code(), class = ?err.class(), error = %err, "request failed"),
+    }
+    status
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyServiceImpl {
+    async fn generate_data_key(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "GenerateDataKey",
+            key_id = tracing::field::Empty,
+            number_of_bytes = req.number_of_bytes,
+            without_plaintext = req.without_plaintext
+        );
+        self.generate_data_key(req)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(|e| fail(&e, &[]))
+    }
+
+    async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "Wrap",
+            key_id = tracing::field::Empty,
+            plaintext_bytes = req.plaintext.len()
+        );
+        self.wrap(req)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(|e| fail(&e, &[]))
+    }
+
+    async fn unwrap(
+        &self,
+        request: Request<UnwrapRequest>,
+    ) -> Result<Response<UnwrapResponse>, Status> {
+        let req = request.into_inner();
+        let mut keys: Vec<String> = req.encryption_context.keys().cloned().collect();
+        keys.sort();
+        let span = tracing::info_span!(
+            "Unwrap",
+            key_id = tracing::field::Empty,
+            envelope_bytes = req.envelope.len()
+        );
+        self.unwrap(req)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(|e| fail(&e, &keys.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+}
+
+// Redacted Debug for the messages that carry plaintext or data keys
+// (build.rs skips the derived Debug for them).
+
+impl std::fmt::Debug for GenerateDataKeyResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateDataKeyResponse")
+            .field("key_id", &self.key_id)
+            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
+            .field("ciphertext_blob", &format_args!("<{} bytes>", self.ciphertext_blob.len()))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for WrapRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrapRequest")
+            .field("key_id", &self.key_id)
+            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
+            .field("encryption_context_keys", &self.encryption_context.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for UnwrapResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnwrapResponse")
+            .field("key_id", &self.key_id)
+            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
+            .field("encryption_context_keys", &self.encryption_context.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}

@@ -1,0 +1,355 @@
+//! Command-line flags and `KMS_SIDECAR_*` environment variables, parsed
+//! once into a typed [`Config`] before anything binds or calls KMS.
+//! A flag wins over its environment variable, which wins over the default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::envelope::EnvelopeLimits;
+
+/// Default gRPC address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The gRPC message size a stock client accepts, and our default limit.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Room kept in a unary reply for everything but the plaintext: header
+/// (context, encrypted data key), frame overhead, protobuf framing.
+pub const UNARY_REPLY_RESERVE: usize = 64 * 1024;
+
+/// Which keyring provides data keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyringKind {
+    /// A local AES-256 wrapping key in a file (ESDK raw AES keyring).
+    Local,
+    /// AWS KMS keys (ESDK AWS KMS keyring, strict mode).
+    AwsKms,
+}
+
+/// kms-sidecar: envelope encryption as a gRPC sidecar.
+///
+/// Serves kms_sidecar.v1.KeyService (GenerateDataKey, Wrap, Unwrap),
+/// grpc.health.v1 and server reflection. With no options it listens on
+/// 127.0.0.1:50051 and uses a local key file, created on first start.
+#[derive(Debug, Parser)]
+#[command(name = "kms-sidecar", version, about, long_about)]
+pub struct Args {
+    /// Address to serve on: HOST:PORT for TCP, or unix:///path/to.sock for a
+    /// Unix socket. Repeat (or comma-separate) for several.
+    #[arg(long, env = "KMS_SIDECAR_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
+    pub listen: Vec<String>,
+
+    /// Where data keys come from.
+    #[arg(long, env = "KMS_SIDECAR_KEYRING", value_enum, default_value_t = KeyringKind::Local)]
+    pub keyring: KeyringKind,
+
+    /// KMS key to use (key ARN, key ID, alias name or alias ARN); repeat or
+    /// comma-separate for several. The first is the default key. Key ARNs
+    /// are recommended: aliases and key IDs are resolved once at start with
+    /// kms:DescribeKey.
+    #[arg(long = "key-id", env = "KMS_SIDECAR_KEY_ID", value_delimiter = ',')]
+    pub key_ids: Vec<String>,
+
+    /// Local keyring: file holding the 32-byte AES-256 wrapping key; created
+    /// (mode 0600) if missing. Default: $XDG_DATA_HOME/kms-sidecar/local-key,
+    /// else ~/.local/share/kms-sidecar/local-key.
+    #[arg(long, env = "KMS_SIDECAR_LOCAL_KEY_FILE")]
+    pub local_key_file: Option<PathBuf>,
+
+    /// Local keyring: key namespace (the ESDK raw AES keyring's provider ID).
+    #[arg(long, env = "KMS_SIDECAR_LOCAL_KEY_NAMESPACE", default_value = "kms-sidecar")]
+    pub local_key_namespace: String,
+
+    /// Local keyring: key name (the raw AES keyring's key name; also the
+    /// key_id the API reports).
+    #[arg(long, env = "KMS_SIDECAR_LOCAL_KEY_NAME", default_value = "local-key")]
+    pub local_key_name: String,
+
+    /// Plaintext bytes per frame in envelopes that Wrap writes (4096 to
+    /// 16777216).
+    #[arg(long, env = "KMS_SIDECAR_FRAME_LENGTH", default_value_t = 65536)]
+    pub frame_length: u32,
+
+    /// Largest gRPC message accepted or sent, in bytes. Unary Wrap accepts
+    /// plaintext up to this minus 64 KiB so its reply fits. Clients must
+    /// accept replies this large (stock clients accept 4 MiB).
+    #[arg(long, env = "KMS_SIDECAR_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Most encrypted data keys an envelope may hold for Unwrap to try it.
+    #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTED_DATA_KEYS", default_value_t = 4)]
+    pub max_encrypted_data_keys: usize,
+
+    /// Largest serialized encryption context, in bytes (at most 65535).
+    #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTION_CONTEXT_BYTES", default_value_t = 8192)]
+    pub max_encryption_context_bytes: usize,
+
+    /// Timeout of one KMS operation, retries included (e.g. 5s, 500ms).
+    #[arg(long, env = "KMS_SIDECAR_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub kms_timeout: Duration,
+
+    /// Permission bits of Unix sockets, in octal.
+    #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
+    pub unix_socket_mode: u32,
+
+    /// How long to wait for in-flight calls after a shutdown signal.
+    #[arg(long, env = "KMS_SIDECAR_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// One address to serve on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// A Unix domain socket at this path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// The keyring to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyringConfig {
+    /// Local raw AES keyring.
+    Local {
+        /// Key file path.
+        key_file: PathBuf,
+        /// Provider namespace.
+        namespace: String,
+        /// Key name.
+        name: String,
+    },
+    /// AWS KMS keyring over these keys (default first).
+    AwsKms {
+        /// As configured (ARN, key ID or alias).
+        key_ids: Vec<String>,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to serve.
+    pub listen: Vec<ListenAddr>,
+    /// Which keys.
+    pub keyring: KeyringConfig,
+    /// Service limits and envelope parameters.
+    pub service: ServiceConfig,
+    /// KMS operation timeout.
+    pub kms_timeout: Duration,
+    /// Unix socket permission bits.
+    pub unix_socket_mode: u32,
+    /// Bound on waiting for in-flight calls at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// What the gRPC service needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceConfig {
+    /// Bounds on untrusted envelopes and contexts.
+    pub limits: EnvelopeLimits,
+    /// Frame length of written envelopes.
+    pub frame_length: u32,
+    /// Largest gRPC message in either direction.
+    pub max_message_bytes: usize,
+}
+
+impl ServiceConfig {
+    /// Largest plaintext unary Wrap accepts.
+    pub fn max_wrap_plaintext(&self) -> usize {
+        self.max_message_bytes.saturating_sub(UNARY_REPLY_RESERVE)
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            limits: EnvelopeLimits::default(),
+            frame_length: 65536,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("invalid duration {s:?}: use e.g. 500ms, 5s or 2m")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("invalid mode {s:?}: use octal permission bits such as 660"))
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if path.is_empty() || !path.starts_with('/') {
+            return Err(format!("invalid listen address {s:?}: use unix:///absolute/path.sock"));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>()
+        .map(ListenAddr::Tcp)
+        .map_err(|_| format!("invalid listen address {s:?}: use HOST:PORT (e.g. 127.0.0.1:50051) or unix:///path.sock"))
+}
+
+fn default_key_file() -> Result<PathBuf, String> {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .ok_or("no HOME or XDG_DATA_HOME to keep the local key in: set --local-key-file")?;
+    Ok(base.join("kms-sidecar").join("local-key"))
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(a: Args) -> Result<Self, String> {
+        let listen = a
+            .listen
+            .iter()
+            .map(|s| parse_listen(s.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if listen.is_empty() {
+            return Err("at least one --listen address is needed".into());
+        }
+        let keyring = match a.keyring {
+            KeyringKind::Local => {
+                if !a.key_ids.is_empty() {
+                    return Err("--key-id needs --keyring aws-kms (the local keyring has one key, named by --local-key-name)".into());
+                }
+                if a.local_key_namespace.is_empty() || a.local_key_name.is_empty() {
+                    return Err("--local-key-namespace and --local-key-name must not be empty".into());
+                }
+                KeyringConfig::Local {
+                    key_file: match a.local_key_file {
+                        Some(p) => p,
+                        None => default_key_file()?,
+                    },
+                    namespace: a.local_key_namespace,
+                    name: a.local_key_name,
+                }
+            }
+            KeyringKind::AwsKms => {
+                let key_ids: Vec<String> = a
+                    .key_ids
+                    .into_iter()
+                    .map(|k| k.trim().to_owned())
+                    .filter(|k| !k.is_empty())
+                    .collect();
+                if key_ids.is_empty() {
+                    return Err("--keyring aws-kms needs at least one --key-id (a key ARN is best)".into());
+                }
+                KeyringConfig::AwsKms { key_ids }
+            }
+        };
+        if !(4096..=16 * 1024 * 1024).contains(&a.frame_length) {
+            return Err(format!(
+                "--frame-length {} is out of range: use 4096 to 16777216",
+                a.frame_length
+            ));
+        }
+        if a.max_message_bytes < 2 * UNARY_REPLY_RESERVE {
+            return Err(format!(
+                "--max-message-bytes {} is too small: use at least {}",
+                a.max_message_bytes,
+                2 * UNARY_REPLY_RESERVE
+            ));
+        }
+        if a.max_encrypted_data_keys == 0 || a.max_encrypted_data_keys > 65535 {
+            return Err("--max-encrypted-data-keys must be 1 to 65535".into());
+        }
+        if a.max_encryption_context_bytes > 16 * 1024 {
+            // Keeps the worst-case header inside UNARY_REPLY_RESERVE.
+            return Err("--max-encryption-context-bytes must be at most 16384".into());
+        }
+        if a.kms_timeout.is_zero() {
+            return Err("--kms-timeout must be positive".into());
+        }
+        Ok(Self {
+            listen,
+            keyring,
+            service: ServiceConfig {
+                limits: EnvelopeLimits {
+                    max_encrypted_data_keys: a.max_encrypted_data_keys,
+                    max_context_bytes: a.max_encryption_context_bytes,
+                },
+                frame_length: a.frame_length,
+                max_message_bytes: a.max_message_bytes,
+            },
+            kms_timeout: a.kms_timeout,
+            unix_socket_mode: a.unix_socket_mode,
+            shutdown_timeout: a.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut full = vec!["kms-sidecar", "--local-key-file", "/tmp/k"];
+        full.extend_from_slice(args);
+        Config::try_from(Args::try_parse_from(full).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn defaults_are_zero_config() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())]);
+        assert!(matches!(c.keyring, KeyringConfig::Local { .. }));
+        assert_eq!(c.service.max_wrap_plaintext(), 4_128_768);
+    }
+
+    #[test]
+    fn listen_addresses_and_errors() {
+        let c = parse(&["--listen", "127.0.0.1:1", "--listen", "unix:///run/k.sock"]).unwrap();
+        assert_eq!(c.listen[1], ListenAddr::Unix("/run/k.sock".into()));
+        assert!(parse(&["--listen", "unix://relative"]).unwrap_err().contains("absolute"));
+        assert!(parse(&["--listen", "nonsense"]).unwrap_err().contains("HOST:PORT"));
+        assert!(parse(&["--keyring", "aws-kms"]).unwrap_err().contains("--key-id"));
+        assert!(parse(&["--frame-length", "10"]).unwrap_err().contains("4096"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_mode("600").unwrap(), 0o600);
+        assert!(parse_mode("999").is_err());
+    }
+}

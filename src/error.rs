@@ -1,0 +1,168 @@
+//! The crate's one error type, named by cause, and its coarse classes.
+//!
+//! Messages of variants that reach callers are written for them: they name
+//! sizes, limits, key IDs and context *key names*, never key material,
+//! plaintext or context values. Upstream error text (AWS SDK messages) goes
+//! to the log only; see [`crate::status`] for the mapping to gRPC.
+
+use std::time::Duration;
+
+/// Everything that can go wrong while serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is out of range or malformed (caller error).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// The request names a key that is not one of the configured keys.
+    #[error(
+        "key {requested:?} is not configured in this sidecar; configured keys: {configured}"
+    )]
+    KeyNotConfigured {
+        /// What the caller asked for.
+        requested: String,
+        /// The configured key IDs, comma separated.
+        configured: String,
+    },
+
+    /// A request or a reply would exceed a size limit.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes{hint}")]
+    PayloadTooLarge {
+        /// What is too large ("plaintext", "request", ...).
+        what: &'static str,
+        /// Its size in bytes.
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+        /// A hint on what to do instead, starting with "; " (may be empty).
+        hint: &'static str,
+    },
+
+    /// The envelope holds more encrypted data keys than allowed.
+    #[error("envelope holds {count} encrypted data keys, over the limit of {limit}")]
+    TooManyEncryptedDataKeys {
+        /// Keys in the envelope.
+        count: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+
+    /// The envelope is well formed but of a kind this sidecar does not open
+    /// (another message version or algorithm suite, or not an ESDK message).
+    #[error("{0}")]
+    UnsupportedEnvelope(String),
+
+    /// Authentication failed: tampered or truncated bytes, a data key no
+    /// configured key can decrypt, or a different encryption context. The
+    /// cause is deliberately not recorded in the value; callers all see the
+    /// same status. The detail, for the log only, is `detail`.
+    #[error("envelope authentication failed")]
+    DecryptAuthFailed {
+        /// Why, for debug logs only (never sent to the caller).
+        detail: &'static str,
+    },
+
+    /// KMS refused the sidecar's identity for this key and operation.
+    #[error("KMS denied {operation} on key {key_id} to the sidecar's AWS identity")]
+    KmsAccessDenied {
+        /// The KMS action, e.g. "kms:Decrypt".
+        operation: &'static str,
+        /// The key as named in the call.
+        key_id: String,
+    },
+
+    /// The KMS key is disabled or pending deletion / import.
+    #[error("KMS key {key_id} is disabled or not in a usable state ({code})")]
+    KmsKeyDisabled {
+        /// The key.
+        key_id: String,
+        /// The KMS error code.
+        code: String,
+    },
+
+    /// KMS does not know the key (wrong ID, alias, account or Region).
+    #[error("KMS key {key_id} was not found (check the key ID, alias, account and Region)")]
+    KmsKeyNotFound {
+        /// The key as named in the call.
+        key_id: String,
+    },
+
+    /// KMS throttled the request after the SDK's retries.
+    #[error("KMS is throttling requests ({operation}); retry after a short delay")]
+    KmsThrottled {
+        /// The KMS action.
+        operation: &'static str,
+        /// Suggested delay before retrying.
+        retry_after: Duration,
+    },
+
+    /// KMS could not be reached, timed out or answered with a server error.
+    #[error("KMS is unavailable for {operation}: {reason}")]
+    KmsUnavailable {
+        /// The KMS action.
+        operation: &'static str,
+        /// A short, safe description (error kind or code, no upstream text).
+        reason: String,
+    },
+
+    /// AWS credentials could not be obtained or refreshed.
+    #[error("AWS credentials are unavailable: {0}")]
+    CredentialsUnavailable(String),
+
+    /// KMS answered with something the sidecar does not expect.
+    #[error("KMS returned an unexpected error for {operation} ({code})")]
+    KmsUnexpected {
+        /// The KMS action.
+        operation: &'static str,
+        /// The error code.
+        code: String,
+    },
+
+    /// A bug or an environment failure (random generator, I/O) in the sidecar.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// Coarse classes of [`Error`], for metrics, logs and retry decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request was wrong; retrying it unchanged fails again.
+    Caller,
+    /// The data did not authenticate.
+    DataCorrupt,
+    /// The key cannot be used (permissions, state, existence).
+    KeyUnusable,
+    /// KMS is rate limiting.
+    Throttled,
+    /// KMS or credentials are unavailable; retry later.
+    BackendUnavailable,
+    /// A fault in the sidecar.
+    Internal,
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::InvalidRequest(_)
+            | Self::KeyNotConfigured { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::TooManyEncryptedDataKeys { .. }
+            | Self::UnsupportedEnvelope(_) => ErrorClass::Caller,
+            Self::DecryptAuthFailed { .. } => ErrorClass::DataCorrupt,
+            Self::KmsAccessDenied { .. }
+            | Self::KmsKeyDisabled { .. }
+            | Self::KmsKeyNotFound { .. } => ErrorClass::KeyUnusable,
+            Self::KmsThrottled { .. } => ErrorClass::Throttled,
+            Self::KmsUnavailable { .. } | Self::CredentialsUnavailable(_) => {
+                ErrorClass::BackendUnavailable
+            }
+            Self::KmsUnexpected { .. } | Self::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    /// Shorthand for an authentication failure with a log-only detail.
+    pub(crate) fn auth(detail: &'static str) -> Self {
+        Self::DecryptAuthFailed { detail }
+    }
+}

@@ -1,0 +1,135 @@
+//! kms-sidecar: envelope encryption as a gRPC sidecar.
+//!
+//! KMS (or a local wrapping key) makes the data key; the data is sealed
+//! locally with AES-256-GCM from `ring`; the result is an AWS Encryption SDK
+//! message (format version 2, suite 0x0478), so any official SDK can open
+//! it and the sidecar opens theirs.
+//!
+//! # Layout
+//! - [`config`]: flags and `KMS_SIDECAR_*` variables, parsed once into typed values.
+//! - [`server`]: binds TCP / Unix listeners, stacks health, reflection and the service, shuts down.
+//! - [`api`]: the `kms_sidecar.v1.KeyService` handlers: validation, limits, orchestration.
+//! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
+//! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
+//! - [`envelope`]: the ESDK message format; pure, no I/O.
+//! - [`secret`]: the zeroizing, redacted types that hold plaintext keys.
+//! - [`error`]: the crate's error enum and its classes.
+//! - [`proto`]: code generated from `proto/kms_sidecar/v1/kms_sidecar.proto`.
+//!
+//! Dependencies point one way: `api` → `keyring`, `envelope` → `secret`, `error`.
+
+pub mod api;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod keyring;
+pub mod secret;
+pub mod server;
+pub mod status;
+
+/// Generated protobuf and gRPC code for `kms_sidecar.v1`.
+#[allow(missing_docs, reason = "generated code; the proto file documents every item")]
+pub mod proto {
+    tonic::include_proto!("kms_sidecar.v1");
+
+    /// Encoded descriptor set of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("kms_sidecar_descriptor");
+}
+
+use std::future::Future;
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+use aws_config::timeout::TimeoutConfig;
+
+use crate::config::{Config, KeyringConfig};
+use crate::keyring::{AwsKmsKeyring, Keyring, LocalKeyring};
+
+/// Builds the configured keyring: loads or creates the local key file, or
+/// builds the AWS KMS client from the standard aws-config chain and
+/// resolves the configured keys.
+///
+/// # Errors
+/// A one-line message for the operator.
+pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
+    match &config.keyring {
+        KeyringConfig::Local {
+            key_file,
+            namespace,
+            name,
+        } => {
+            let rng = ring::rand::SystemRandom::new();
+            let (key, origin) = keyring::local::load_or_create_key_file(key_file, &rng)?;
+            match origin {
+                keyring::local::KeyFileOrigin::Created => tracing::info!(
+                    path = %key_file.display(),
+                    "created a new local wrapping key (mode 0600); keep this file: data wrapped \
+                     with it cannot be unwrapped without it"
+                ),
+                keyring::local::KeyFileOrigin::Loaded => {
+                    tracing::info!(path = %key_file.display(), "loaded the local wrapping key");
+                }
+            }
+            LocalKeyring::new(namespace.clone(), name.clone(), &key)
+                .map(Keyring::Local)
+                .map_err(|e| e.to_string())
+        }
+        KeyringConfig::AwsKms { key_ids } => {
+            let client = kms_client(config.kms_timeout, key_ids).await?;
+            let keyring = AwsKmsKeyring::resolve(client, key_ids)
+                .await
+                .map_err(|e| format!("cannot resolve the configured KMS keys: {e}"))?;
+            tracing::info!(keys = ?keyring.key_arns().collect::<Vec<_>>(), "using AWS KMS keys");
+            Ok(Keyring::AwsKms(keyring))
+        }
+    }
+}
+
+/// The AWS KMS client: credentials, Region and endpoint from the standard
+/// chain (environment, profile, web identity, container and instance
+/// metadata; `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_KMS`), one rustls-on-ring
+/// HTTPS stack, and the KMS timeout on every operation.
+async fn kms_client(timeout: std::time::Duration, key_ids: &[String]) -> Result<aws_sdk_kms::Client, String> {
+    let http = keyring::aws_kms::https_client();
+    let timeouts = TimeoutConfig::builder()
+        .operation_timeout(timeout)
+        .operation_attempt_timeout(timeout)
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(2)))
+        .build();
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(timeouts)
+        .load()
+        .await;
+    let mut kms = aws_sdk_kms::config::Builder::from(&shared);
+    if shared.region().is_none() {
+        // No Region configured: take it from the first key ARN.
+        let region = key_ids
+            .iter()
+            .find_map(|k| keyring::aws_kms::region_of_arn(k))
+            .ok_or("no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)")?;
+        kms = kms.region(aws_sdk_kms::config::Region::new(region.to_owned()));
+    }
+    Ok(aws_sdk_kms::Client::from_conf(kms.build()))
+}
+
+/// Runs the sidecar with `config` until `shutdown` resolves.
+///
+/// # Errors
+/// A one-line message for the operator (bad key file, unresolvable key,
+/// address in use, ...).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
+    let keyring = Arc::new(build_keyring(&config).await?);
+    let listeners = server::bind(&config.listen, config.unix_socket_mode).await?;
+    for l in &listeners {
+        tracing::info!(address = %l.local_addr(), "serving kms_sidecar.v1.KeyService");
+    }
+    tracing::info!(
+        default_key = keyring.key_ids().first().copied().unwrap_or_default(),
+        max_wrap_plaintext = config.service.max_wrap_plaintext(),
+        max_message_bytes = config.service.max_message_bytes,
+        "ready"
+    );
+    server::serve(listeners, keyring, config.service, config.shutdown_timeout, shutdown).await
+}

@@ -1,0 +1,260 @@
+//! Listeners and the gRPC server: binds TCP and Unix sockets, stacks the
+//! KeyService with health, reflection (v1 and v1alpha) and the size-limit
+//! status rewrite, and serves until the shutdown future resolves.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::api::KeyServiceImpl;
+use crate::config::{ListenAddr, ServiceConfig};
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::proto::key_service_server::KeyServiceServer;
+use crate::status::to_status;
+
+/// The fully qualified service name, as used by grpc.health.v1.
+pub const SERVICE_NAME: &str = "kms_sidecar.v1.KeyService";
+
+/// A bound socket, ready to serve.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix listener and the socket path to remove at exit.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// The address this listener serves, for logs and tests.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
+            Self::Unix(_, p) => format!("unix://{}", p.display()),
+        }
+    }
+}
+
+/// Binds every address. A Unix socket path left by a crashed process is
+/// replaced; one that a live process answers on is refused.
+///
+/// # Errors
+/// A one-line message naming the address.
+pub async fn bind(addrs: &[ListenAddr], unix_mode: u32) -> Result<Vec<Listener>, String> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        out.push(match addr {
+            ListenAddr::Tcp(a) => Listener::Tcp(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+            ),
+            ListenAddr::Unix(p) => Listener::Unix(bind_unix(p, unix_mode).await?, p.clone()),
+        });
+    }
+    Ok(out)
+}
+
+async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "cannot listen on unix://{}: the path exists and is not a socket",
+                path.display()
+            ));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "cannot listen on unix://{}: another process is serving on it",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on unix://{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set mode of {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves on every listener until `shutdown` resolves, then stops taking
+/// calls, waits up to `shutdown_timeout` for in-flight ones, and removes
+/// Unix socket files.
+///
+/// # Errors
+/// A reflection setup or transport failure.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    keyring: Arc<Keyring>,
+    config: ServiceConfig,
+    shutdown_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
+        .await;
+    let service = KeyServiceImpl::new(keyring, config);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut socket_paths = Vec::new();
+    for listener in listeners {
+        let router = Server::builder()
+            .layer(tower::layer::layer_fn(PayloadLimitStatus::new))
+            .add_service(health_service.clone())
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(
+                KeyServiceServer::new(service.clone())
+                    .max_decoding_message_size(config.max_message_bytes)
+                    .max_encoding_message_size(config.max_message_bytes),
+            );
+        let mut rx = stop_rx.clone();
+        let stopped = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        match listener {
+            Listener::Tcp(l) => {
+                tasks.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped));
+            }
+            Listener::Unix(l, path) => {
+                socket_paths.push(path);
+                tasks.spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped));
+            }
+        }
+    }
+    shutdown.await;
+    tracing::info!("shutting down: no new calls; waiting for in-flight calls");
+    health.set_not_serving::<KeyServiceServer<KeyServiceImpl>>().await;
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        while let Some(res) = tasks.join_next().await {
+            if let Ok(Err(e)) = res {
+                tracing::warn!(error = %e, "listener ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(?shutdown_timeout, "in-flight calls did not finish in time; exiting");
+        tasks.abort_all();
+    }
+    for path in socket_paths {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
+fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    String,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection setup failed: {e}"))
+}
+
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    String,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("reflection setup failed: {e}"))
+}
+
+/// Rewrites tonic's own "decoded message length too large" status
+/// (OUT_OF_RANGE, sent before any handler runs) into this service's
+/// RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE status naming both sizes, so an
+/// oversized request gets the same answer as an oversized payload.
+#[derive(Debug, Clone)]
+pub struct PayloadLimitStatus<S> {
+    inner: S,
+}
+
+impl<S> PayloadLimitStatus<S> {
+    fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+/// Tonic's message for a request over the decoding limit.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+fn rewrite_too_large(headers: &mut http::HeaderMap) {
+    let Some(status) = tonic::Status::from_header_map(headers) else { return };
+    if status.code() != tonic::Code::OutOfRange {
+        return;
+    }
+    let Some(rest) = status.message().strip_prefix(TONIC_TOO_LARGE) else { return };
+    let numbers: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let (size, limit) = match numbers.as_slice() {
+        [size, limit, ..] => (*size, *limit),
+        _ => return,
+    };
+    let ours = to_status(
+        &Error::PayloadTooLarge {
+            what: "request message",
+            size,
+            limit,
+            hint: "; send less per call or raise --max-message-bytes",
+        },
+        &[],
+    );
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    if ours.add_header(headers).is_err() {
+        tracing::warn!("could not rewrite an oversized-request status");
+    }
+}
+
+impl<S, Req, B> tower::Service<Req> for PayloadLimitStatus<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            rewrite_too_large(resp.headers_mut());
+            Ok(resp)
+        })
+    }
+}
