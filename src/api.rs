@@ -159,7 +159,9 @@ fn fail(err: &Error, supplied_context_keys: &[&str]) -> Status {
         Error::DecryptAuthFailed { detail } => {
             tracing::info!(code = ?status.code(), class = ?err.class(), detail, "request failed");
         }
-        _ => tracing::info!(code = ?status.code(), class = ?err.class(), error = %err, "request failed"),
+        _ => {
+            tracing::info!(code = ?status.code(), class = ?err.class(), error = %err, "request failed")
+        }
     }
     status
 }
@@ -225,8 +227,14 @@ impl std::fmt::Debug for GenerateDataKeyResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GenerateDataKeyResponse")
             .field("key_id", &self.key_id)
-            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
-            .field("ciphertext_blob", &format_args!("<{} bytes>", self.ciphertext_blob.len()))
+            .field(
+                "plaintext",
+                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
+            )
+            .field(
+                "ciphertext_blob",
+                &format_args!("<{} bytes>", self.ciphertext_blob.len()),
+            )
             .finish()
     }
 }
@@ -235,8 +243,14 @@ impl std::fmt::Debug for WrapRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WrapRequest")
             .field("key_id", &self.key_id)
-            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
-            .field("encryption_context_keys", &self.encryption_context.keys().collect::<Vec<_>>())
+            .field(
+                "plaintext",
+                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
+            )
+            .field(
+                "encryption_context_keys",
+                &self.encryption_context.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -245,8 +259,14 @@ impl std::fmt::Debug for UnwrapResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UnwrapResponse")
             .field("key_id", &self.key_id)
-            .field("plaintext", &format_args!("<redacted, {} bytes>", self.plaintext.len()))
-            .field("encryption_context_keys", &self.encryption_context.keys().collect::<Vec<_>>())
+            .field(
+                "plaintext",
+                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
+            )
+            .field(
+                "encryption_context_keys",
+                &self.encryption_context.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

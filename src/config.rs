@@ -58,7 +58,11 @@ pub struct Args {
     pub local_key_file: Option<PathBuf>,
 
     /// Local keyring: key namespace (the ESDK raw AES keyring's provider ID).
-    #[arg(long, env = "KMS_SIDECAR_LOCAL_KEY_NAMESPACE", default_value = "kms-sidecar")]
+    #[arg(
+        long,
+        env = "KMS_SIDECAR_LOCAL_KEY_NAMESPACE",
+        default_value = "kms-sidecar"
+    )]
     pub local_key_namespace: String,
 
     /// Local keyring: key name (the raw AES keyring's key name; also the
@@ -82,7 +86,11 @@ pub struct Args {
     pub max_encrypted_data_keys: usize,
 
     /// Largest serialized encryption context, in bytes (at most 65535).
-    #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTION_CONTEXT_BYTES", default_value_t = 8192)]
+    #[arg(
+        long,
+        env = "KMS_SIDECAR_MAX_ENCRYPTION_CONTEXT_BYTES",
+        default_value_t = 8192
+    )]
     pub max_encryption_context_bytes: usize,
 
     /// Timeout of one KMS operation, retries included (e.g. 5s, 500ms).
@@ -210,7 +218,9 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     if let Some(path) = s.strip_prefix("unix://") {
         if path.is_empty() || !path.starts_with('/') {
-            return Err(format!("invalid listen address {s:?}: use unix:///absolute/path.sock"));
+            return Err(format!(
+                "invalid listen address {s:?}: use unix:///absolute/path.sock"
+            ));
         }
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
@@ -250,7 +260,9 @@ impl TryFrom<Args> for Config {
                     return Err("--key-id needs --keyring aws-kms (the local keyring has one key, named by --local-key-name)".into());
                 }
                 if a.local_key_namespace.is_empty() || a.local_key_name.is_empty() {
-                    return Err("--local-key-namespace and --local-key-name must not be empty".into());
+                    return Err(
+                        "--local-key-namespace and --local-key-name must not be empty".into(),
+                    );
                 }
                 KeyringConfig::Local {
                     key_file: match a.local_key_file {
@@ -269,7 +281,9 @@ impl TryFrom<Args> for Config {
                     .filter(|k| !k.is_empty())
                     .collect();
                 if key_ids.is_empty() {
-                    return Err("--keyring aws-kms needs at least one --key-id (a key ARN is best)".into());
+                    return Err(
+                        "--keyring aws-kms needs at least one --key-id (a key ARN is best)".into(),
+                    );
                 }
                 KeyringConfig::AwsKms { key_ids }
             }
@@ -328,7 +342,10 @@ mod tests {
     #[test]
     fn defaults_are_zero_config() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())]);
+        assert_eq!(
+            c.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())]
+        );
         assert!(matches!(c.keyring, KeyringConfig::Local { .. }));
         assert_eq!(c.service.max_wrap_plaintext(), 4_128_768);
     }
@@ -337,10 +354,26 @@ mod tests {
     fn listen_addresses_and_errors() {
         let c = parse(&["--listen", "127.0.0.1:1", "--listen", "unix:///run/k.sock"]).unwrap();
         assert_eq!(c.listen[1], ListenAddr::Unix("/run/k.sock".into()));
-        assert!(parse(&["--listen", "unix://relative"]).unwrap_err().contains("absolute"));
-        assert!(parse(&["--listen", "nonsense"]).unwrap_err().contains("HOST:PORT"));
-        assert!(parse(&["--keyring", "aws-kms"]).unwrap_err().contains("--key-id"));
-        assert!(parse(&["--frame-length", "10"]).unwrap_err().contains("4096"));
+        assert!(
+            parse(&["--listen", "unix://relative"])
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            parse(&["--listen", "nonsense"])
+                .unwrap_err()
+                .contains("HOST:PORT")
+        );
+        assert!(
+            parse(&["--keyring", "aws-kms"])
+                .unwrap_err()
+                .contains("--key-id")
+        );
+        assert!(
+            parse(&["--frame-length", "10"])
+                .unwrap_err()
+                .contains("4096")
+        );
     }
 
     #[test]

@@ -15,9 +15,7 @@ pub enum Error {
     InvalidRequest(String),
 
     /// The request names a key that is not one of the configured keys.
-    #[error(
-        "key {requested:?} is not configured in this sidecar; configured keys: {configured}"
-    )]
+    #[error("key {requested:?} is not configured in this sidecar; configured keys: {configured}")]
     KeyNotConfigured {
         /// What the caller asked for.
         requested: String,

@@ -28,7 +28,10 @@ pub mod server;
 pub mod status;
 
 /// Generated protobuf and gRPC code for `kms_sidecar.v1`.
-#[allow(missing_docs, reason = "generated code; the proto file documents every item")]
+#[allow(
+    missing_docs,
+    reason = "generated code; the proto file documents every item"
+)]
 pub mod proto {
     tonic::include_proto!("kms_sidecar.v1");
 
@@ -72,7 +75,7 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
                 }
             }
             LocalKeyring::new(namespace.clone(), name.clone(), &key)
-                .map(Keyring::Local)
+                .map(|k| Keyring::Local(Box::new(k)))
                 .map_err(|e| e.to_string())
         }
         KeyringConfig::AwsKms { key_ids } => {
@@ -90,7 +93,10 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
 /// chain (environment, profile, web identity, container and instance
 /// metadata; `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_KMS`), one rustls-on-ring
 /// HTTPS stack, and the KMS timeout on every operation.
-async fn kms_client(timeout: std::time::Duration, key_ids: &[String]) -> Result<aws_sdk_kms::Client, String> {
+async fn kms_client(
+    timeout: std::time::Duration,
+    key_ids: &[String],
+) -> Result<aws_sdk_kms::Client, String> {
     let http = keyring::aws_kms::https_client();
     let timeouts = TimeoutConfig::builder()
         .operation_timeout(timeout)
@@ -131,5 +137,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         max_message_bytes = config.service.max_message_bytes,
         "ready"
     );
-    server::serve(listeners, keyring, config.service, config.shutdown_timeout, shutdown).await
+    server::serve(
+        listeners,
+        keyring,
+        config.service,
+        config.shutdown_timeout,
+        shutdown,
+    )
+    .await
 }

@@ -127,17 +127,22 @@ pub async fn serve(
         };
         match listener {
             Listener::Tcp(l) => {
-                tasks.spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped));
+                tasks
+                    .spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped));
             }
             Listener::Unix(l, path) => {
                 socket_paths.push(path);
-                tasks.spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped));
+                tasks.spawn(
+                    router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
+                );
             }
         }
     }
     shutdown.await;
     tracing::info!("shutting down: no new calls; waiting for in-flight calls");
-    health.set_not_serving::<KeyServiceServer<KeyServiceImpl>>().await;
+    health
+        .set_not_serving::<KeyServiceServer<KeyServiceImpl>>()
+        .await;
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(shutdown_timeout, async {
         while let Some(res) = tasks.join_next().await {
@@ -148,7 +153,10 @@ pub async fn serve(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(?shutdown_timeout, "in-flight calls did not finish in time; exiting");
+        tracing::warn!(
+            ?shutdown_timeout,
+            "in-flight calls did not finish in time; exiting"
+        );
         tasks.abort_all();
     }
     for path in socket_paths {
@@ -204,11 +212,15 @@ impl<S> PayloadLimitStatus<S> {
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
 
 fn rewrite_too_large(headers: &mut http::HeaderMap) {
-    let Some(status) = tonic::Status::from_header_map(headers) else { return };
+    let Some(status) = tonic::Status::from_header_map(headers) else {
+        return;
+    };
     if status.code() != tonic::Code::OutOfRange {
         return;
     }
-    let Some(rest) = status.message().strip_prefix(TONIC_TOO_LARGE) else { return };
+    let Some(rest) = status.message().strip_prefix(TONIC_TOO_LARGE) else {
+        return;
+    };
     let numbers: Vec<u64> = rest
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|s| s.parse().ok())

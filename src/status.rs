@@ -36,22 +36,34 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
         Error::PayloadTooLarge { size, limit, .. } => {
             meta.insert("size".into(), size.to_string());
             meta.insert("limit".into(), limit.to_string());
-            (Code::ResourceExhausted, "PAYLOAD_TOO_LARGE", err.to_string())
+            (
+                Code::ResourceExhausted,
+                "PAYLOAD_TOO_LARGE",
+                err.to_string(),
+            )
         }
         Error::TooManyEncryptedDataKeys { count, limit } => {
             meta.insert("count".into(), count.to_string());
             meta.insert("limit".into(), limit.to_string());
-            (Code::InvalidArgument, "TOO_MANY_ENCRYPTED_DATA_KEYS", err.to_string())
+            (
+                Code::InvalidArgument,
+                "TOO_MANY_ENCRYPTED_DATA_KEYS",
+                err.to_string(),
+            )
         }
-        Error::UnsupportedEnvelope(_) => {
-            (Code::InvalidArgument, "UNSUPPORTED_ENVELOPE", err.to_string())
-        }
+        Error::UnsupportedEnvelope(_) => (
+            Code::InvalidArgument,
+            "UNSUPPORTED_ENVELOPE",
+            err.to_string(),
+        ),
         Error::DecryptAuthFailed { .. } => {
             let keys = supplied_context_keys.join(", ");
             (
                 Code::InvalidArgument,
                 "DECRYPT_AUTH_FAILED",
-                format!("{DECRYPT_AUTH_FAILED_MESSAGE} (supplied encryption context keys: [{keys}])"),
+                format!(
+                    "{DECRYPT_AUTH_FAILED_MESSAGE} (supplied encryption context keys: [{keys}])"
+                ),
             )
         }
         Error::KmsAccessDenied { operation, key_id } => {
@@ -65,13 +77,24 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
         }
         Error::KmsKeyDisabled { key_id, .. } => {
             meta.insert("key_id".into(), key_id.clone());
-            (Code::FailedPrecondition, "KMS_KEY_DISABLED", err.to_string())
+            (
+                Code::FailedPrecondition,
+                "KMS_KEY_DISABLED",
+                err.to_string(),
+            )
         }
         Error::KmsKeyNotFound { key_id } => {
             meta.insert("key_id".into(), key_id.clone());
-            (Code::FailedPrecondition, "KMS_KEY_NOT_FOUND", err.to_string())
+            (
+                Code::FailedPrecondition,
+                "KMS_KEY_NOT_FOUND",
+                err.to_string(),
+            )
         }
-        Error::KmsThrottled { operation, retry_after } => {
+        Error::KmsThrottled {
+            operation,
+            retry_after,
+        } => {
             meta.insert("operation".into(), (*operation).into());
             retry = Some(*retry_after);
             (Code::Unavailable, "KMS_THROTTLED", err.to_string())
@@ -80,9 +103,11 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
             meta.insert("operation".into(), (*operation).into());
             (Code::Unavailable, "KMS_UNAVAILABLE", err.to_string())
         }
-        Error::CredentialsUnavailable(_) => {
-            (Code::Unavailable, "AWS_CREDENTIALS_UNAVAILABLE", err.to_string())
-        }
+        Error::CredentialsUnavailable(_) => (
+            Code::Unavailable,
+            "AWS_CREDENTIALS_UNAVAILABLE",
+            err.to_string(),
+        ),
         Error::KmsUnexpected { operation, .. } => {
             meta.insert("operation".into(), (*operation).into());
             (Code::Internal, "KMS_UNEXPECTED_ERROR", err.to_string())
@@ -107,7 +132,10 @@ mod tests {
     #[test]
     fn auth_failures_look_the_same_whatever_the_cause() {
         let a = to_status(&Error::auth("header tag did not verify"), &["tenant"]);
-        let b = to_status(&Error::auth("no encrypted data key for a configured KMS key"), &["tenant"]);
+        let b = to_status(
+            &Error::auth("no encrypted data key for a configured KMS key"),
+            &["tenant"],
+        );
         assert_eq!(a.code(), Code::InvalidArgument);
         assert_eq!(a.message(), b.message());
         assert_eq!(reason(&a), "DECRYPT_AUTH_FAILED");
@@ -127,7 +155,10 @@ mod tests {
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(reason(&s), "KMS_THROTTLED");
         let info = s.get_details_retry_info().unwrap();
-        assert_eq!(info.retry_delay, Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(
+            info.retry_delay,
+            Some(std::time::Duration::from_millis(1500))
+        );
     }
 
     #[test]

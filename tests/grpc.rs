@@ -1,7 +1,13 @@
 //! gRPC behaviour that does not depend on KMS: the local keyring, size
 //! limits, empty payloads, tampering, health, reflection, Unix sockets.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
 
 mod common;
 
@@ -57,8 +63,16 @@ async fn b02_unary_size_limits() {
             .unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted, "{size}");
         assert_eq!(reason(&err), "PAYLOAD_TOO_LARGE");
-        assert!(err.message().contains(&size.to_string()), "{}", err.message());
-        assert!(err.message().contains(&max.to_string()), "{}", err.message());
+        assert!(
+            err.message().contains(&size.to_string()),
+            "{}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(&max.to_string()),
+            "{}",
+            err.message()
+        );
     }
 
     // P2 = 4 MiB and P3 = 4 MiB + 1: the request itself is over the
@@ -74,9 +88,17 @@ async fn b02_unary_size_limits() {
             .unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted, "{size}: {err:?}");
         assert_eq!(reason(&err), "PAYLOAD_TOO_LARGE");
-        assert!(err.message().contains(&(4 * MIB).to_string()), "{}", err.message());
+        assert!(
+            err.message().contains(&(4 * MIB).to_string()),
+            "{}",
+            err.message()
+        );
         let request_len = size + 5; // field tag and length prefix
-        assert!(err.message().contains(&request_len.to_string()), "{}", err.message());
+        assert!(
+            err.message().contains(&request_len.to_string()),
+            "{}",
+            err.message()
+        );
     }
     // The connection is still usable.
     client
@@ -184,10 +206,7 @@ async fn wrong_local_key_and_garbage_fail_alike() {
         .unwrap_err();
     assert_eq!(not_esdk.code(), Code::InvalidArgument);
     assert_eq!(reason(&not_esdk), "UNSUPPORTED_ENVELOPE");
-    let empty = client
-        .unwrap(UnwrapRequest::default())
-        .await
-        .unwrap_err();
+    let empty = client.unwrap(UnwrapRequest::default()).await.unwrap_err();
     assert_eq!(reason(&empty), "DECRYPT_AUTH_FAILED");
     a.stop().await;
     b.stop().await;
@@ -305,15 +324,23 @@ async fn b09_reflection_v1_and_v1alpha() {
         panic!("v1: no service list")
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"kms_sidecar.v1.KeyService".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"kms_sidecar.v1.KeyService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
 
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as V1a;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as V1aReq;
     use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as V1aResp;
     let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(V1aReq::FileContainingSymbol("kms_sidecar.v1.KeyService".into())),
+        message_request: Some(V1aReq::FileContainingSymbol(
+            "kms_sidecar.v1.KeyService".into(),
+        )),
     };
     let mut stream = V1a::new(channel)
         .server_reflection_info(tokio_stream::iter([req]))
@@ -326,11 +353,23 @@ async fn b09_reflection_v1_and_v1alpha() {
         panic!("v1alpha: no file descriptor")
     };
     use prost::Message;
-    let file = prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..]).unwrap();
+    let file =
+        prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..]).unwrap();
     assert_eq!(file.package(), "kms_sidecar.v1");
-    let wrap_req = file.message_type.iter().find(|m| m.name() == "WrapRequest").unwrap();
-    let plaintext = wrap_req.field.iter().find(|f| f.name() == "plaintext").unwrap();
-    assert_eq!(plaintext.r#type(), prost_types::field_descriptor_proto::Type::Bytes);
+    let wrap_req = file
+        .message_type
+        .iter()
+        .find(|m| m.name() == "WrapRequest")
+        .unwrap();
+    let plaintext = wrap_req
+        .field
+        .iter()
+        .find(|f| f.name() == "plaintext")
+        .unwrap();
+    assert_eq!(
+        plaintext.r#type(),
+        prost_types::field_descriptor_proto::Type::Bytes
+    );
     sidecar.stop().await;
 }
 
@@ -409,7 +448,10 @@ async fn live_unix_socket_is_not_stolen_and_stale_one_is_replaced() {
         .unwrap();
     assert_eq!(listeners.len(), 1);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A regular file is never removed.
     let file = dir.path().join("not-a-socket");
@@ -435,7 +477,12 @@ async fn local_key_file_survives_restarts() {
         .unwrap();
         kms_sidecar::config::Config::try_from(args).unwrap()
     };
-    let first = Sidecar::start(kms_sidecar::build_keyring(&config(&key_file)).await.unwrap()).await;
+    let first = Sidecar::start(
+        kms_sidecar::build_keyring(&config(&key_file))
+            .await
+            .unwrap(),
+    )
+    .await;
     let envelope = first
         .client()
         .await
@@ -449,9 +496,17 @@ async fn local_key_file_survives_restarts() {
         .envelope;
     first.stop().await;
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
-    let second = Sidecar::start(kms_sidecar::build_keyring(&config(&key_file)).await.unwrap()).await;
+    let second = Sidecar::start(
+        kms_sidecar::build_keyring(&config(&key_file))
+            .await
+            .unwrap(),
+    )
+    .await;
     let opened = second
         .client()
         .await

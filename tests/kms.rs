@@ -1,6 +1,12 @@
 //! End-to-end gRPC tests on the AWS KMS keyring against moto's KMS server.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
 
 mod common;
 
@@ -59,7 +65,11 @@ async fn wrap_unwrap_roundtrip_reports_key_arn() {
             .unwrap()
             .into_inner();
         assert_eq!(wrapped.key_id, arn);
-        assert_eq!(&wrapped.envelope[..3], &[0x02, 0x04, 0x78], "ESDK v2, suite 0x0478");
+        assert_eq!(
+            &wrapped.envelope[..3],
+            &[0x02, 0x04, 0x78],
+            "ESDK v2, suite 0x0478"
+        );
         let opened = client
             .unwrap(UnwrapRequest {
                 envelope: wrapped.envelope,
@@ -148,7 +158,9 @@ async fn generate_data_key_proxies_kms() {
     // The blob is a plain KMS ciphertext: kms:Decrypt with the context opens it.
     let decrypted = kms
         .decrypt()
-        .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(out.ciphertext_blob.clone()))
+        .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(
+            out.ciphertext_blob.clone(),
+        ))
         .set_encryption_context(Some(context.clone()))
         .send()
         .await
@@ -269,7 +281,9 @@ async fn kms_invalid_ciphertext_is_an_authentication_failure() {
         .into_inner()
         .envelope;
     let limits = kms_sidecar::envelope::EnvelopeLimits::default();
-    let parsed_a = kms_sidecar::envelope::parse_header(&a, &limits).unwrap().unwrap();
+    let parsed_a = kms_sidecar::envelope::parse_header(&a, &limits)
+        .unwrap()
+        .unwrap();
     let data_key = kms_sidecar::secret::DataKey::take_from(&mut [5u8; 32]).unwrap();
     let forged = kms_sidecar::envelope::seal(
         &data_key,
@@ -331,7 +345,8 @@ async fn missing_key_and_unreachable_kms_are_distinct_and_actionable() {
     let kms = kms_client();
     let arn = create_key(&kms).await;
     // A well-formed ARN that moto has never seen.
-    let ghost = arn.rsplit_once("key/").unwrap().0.to_owned() + "key/00000000-0000-0000-0000-000000000000";
+    let ghost =
+        arn.rsplit_once("key/").unwrap().0.to_owned() + "key/00000000-0000-0000-0000-000000000000";
     let sidecar = Sidecar::start(kms_keyring(std::slice::from_ref(&ghost)).await).await;
     let err = sidecar
         .client()
@@ -349,9 +364,12 @@ async fn missing_key_and_unreachable_kms_are_distinct_and_actionable() {
     let dead = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let keyring = kms_sidecar::keyring::Keyring::AwsKms(
-        kms_sidecar::keyring::AwsKmsKeyring::resolve(common::kms_client_for(&dead), std::slice::from_ref(&arn))
-            .await
-            .unwrap(),
+        kms_sidecar::keyring::AwsKmsKeyring::resolve(
+            common::kms_client_for(&dead),
+            std::slice::from_ref(&arn),
+        )
+        .await
+        .unwrap(),
     );
     let sidecar = Sidecar::start(keyring).await;
     let err = sidecar
@@ -367,8 +385,14 @@ async fn missing_key_and_unreachable_kms_are_distinct_and_actionable() {
 
 #[tokio::test]
 async fn unresolvable_alias_fails_at_start() {
-    let err = kms_sidecar::keyring::AwsKmsKeyring::resolve(kms_client(), &["alias/does-not-exist".into()])
-        .await
-        .unwrap_err();
-    assert!(matches!(err, kms_sidecar::error::Error::KmsKeyNotFound { .. }), "{err:?}");
+    let err = kms_sidecar::keyring::AwsKmsKeyring::resolve(
+        kms_client(),
+        &["alias/does-not-exist".into()],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, kms_sidecar::error::Error::KmsKeyNotFound { .. }),
+        "{err:?}"
+    );
 }

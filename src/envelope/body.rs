@@ -8,11 +8,11 @@
 
 use ring::rand::SecureRandom;
 
+use crate::envelope::EncryptionContext;
 use crate::envelope::header::{ContentType, EncryptedDataKey, Header, ParsedHeader};
 use crate::envelope::suite::{
     self, IV_LEN, MESSAGE_ID_LEN, MessageKey, TAG_LEN, commitment_matches,
 };
-use crate::envelope::EncryptionContext;
 use crate::error::Error;
 use crate::secret::DataKey;
 
@@ -86,7 +86,9 @@ impl Sealer {
         rng: &dyn SecureRandom,
     ) -> Result<(Self, Vec<u8>), Error> {
         if frame_length == 0 {
-            return Err(Error::InvalidRequest("frame length must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "frame length must be at least 1".into(),
+            ));
         }
         let mut message_id = [0u8; MESSAGE_ID_LEN];
         rng.fill(&mut message_id)
@@ -180,7 +182,9 @@ impl Sealer {
         }
         let start = out.len();
         out.extend_from_slice(plaintext);
-        let tag = self.key.seal(seq, aad, out.get_mut(start..).unwrap_or_default())?;
+        let tag = self
+            .key
+            .seal(seq, aad, out.get_mut(start..).unwrap_or_default())?;
         out.extend_from_slice(&tag);
         Ok(())
     }
@@ -304,16 +308,26 @@ impl Opener {
         r: &mut Cursor<'_>,
         out: &mut Vec<u8>,
     ) -> Result<Option<bool>, Error> {
-        let Some(iv) = r.array::<IV_LEN>() else { return Ok(None) };
-        let Some(len) = r.array::<8>().map(u64::from_be_bytes) else { return Ok(None) };
+        let Some(iv) = r.array::<IV_LEN>() else {
+            return Ok(None);
+        };
+        let Some(len) = r.array::<8>().map(u64::from_be_bytes) else {
+            return Ok(None);
+        };
         if len > MAX_NON_FRAMED_CONTENT {
             return Err(Error::auth("non-framed content length over 2^36 - 32"));
         }
         let Ok(len) = usize::try_from(len) else {
-            return Err(Error::auth("non-framed content length over the address space"));
+            return Err(Error::auth(
+                "non-framed content length over the address space",
+            ));
         };
-        let Some(ciphertext) = r.take(len) else { return Ok(None) };
-        let Some(tag) = r.array::<TAG_LEN>() else { return Ok(None) };
+        let Some(ciphertext) = r.take(len) else {
+            return Ok(None);
+        };
+        let Some(tag) = r.array::<TAG_LEN>() else {
+            return Ok(None);
+        };
         let aad = body_aad(&self.message_id, SINGLE_BLOCK_STRING, 1, len as u64);
         self.open_into(&iv, &aad, ciphertext, &tag, out)?;
         Ok(Some(true))
@@ -325,10 +339,14 @@ impl Opener {
         frame_length: u32,
         out: &mut Vec<u8>,
     ) -> Result<Option<bool>, Error> {
-        let Some(first) = r.array::<4>().map(u32::from_be_bytes) else { return Ok(None) };
+        let Some(first) = r.array::<4>().map(u32::from_be_bytes) else {
+            return Ok(None);
+        };
         let last = first == SEQUENCE_NUMBER_END;
         let seq = if last {
-            let Some(seq) = r.array::<4>().map(u32::from_be_bytes) else { return Ok(None) };
+            let Some(seq) = r.array::<4>().map(u32::from_be_bytes) else {
+                return Ok(None);
+            };
             seq
         } else {
             first
@@ -336,9 +354,13 @@ impl Opener {
         if seq != self.next_seq {
             return Err(Error::auth("frame out of sequence"));
         }
-        let Some(iv) = r.array::<IV_LEN>() else { return Ok(None) };
+        let Some(iv) = r.array::<IV_LEN>() else {
+            return Ok(None);
+        };
         let len = if last {
-            let Some(len) = r.array::<4>().map(u32::from_be_bytes) else { return Ok(None) };
+            let Some(len) = r.array::<4>().map(u32::from_be_bytes) else {
+                return Ok(None);
+            };
             if len > frame_length {
                 return Err(Error::auth("final frame longer than the frame length"));
             }
@@ -346,9 +368,17 @@ impl Opener {
         } else {
             frame_length
         };
-        let Some(ciphertext) = r.take(len as usize) else { return Ok(None) };
-        let Some(tag) = r.array::<TAG_LEN>() else { return Ok(None) };
-        let kind = if last { FINAL_FRAME_STRING } else { FRAME_STRING };
+        let Some(ciphertext) = r.take(len as usize) else {
+            return Ok(None);
+        };
+        let Some(tag) = r.array::<TAG_LEN>() else {
+            return Ok(None);
+        };
+        let kind = if last {
+            FINAL_FRAME_STRING
+        } else {
+            FRAME_STRING
+        };
         let aad = body_aad(&self.message_id, kind, seq, u64::from(len));
         self.open_into(&iv, &aad, ciphertext, &tag, out)?;
         self.next_seq = seq
@@ -407,11 +437,7 @@ impl<'a> Cursor<'a> {
 /// # Errors
 /// [`Error::DecryptAuthFailed`] for any authentication or format failure,
 /// including truncation and trailing bytes.
-pub fn open(
-    parsed: &ParsedHeader,
-    data_key: &DataKey,
-    message: &[u8],
-) -> Result<Vec<u8>, Error> {
+pub fn open(parsed: &ParsedHeader, data_key: &DataKey, message: &[u8]) -> Result<Vec<u8>, Error> {
     let mut opener = Opener::new(parsed, data_key)?;
     let mut rest = message
         .get(parsed.len..)

@@ -92,7 +92,11 @@ impl EncryptionContext {
         if self.0.is_empty() {
             return 0;
         }
-        2 + self.0.iter().map(|(k, v)| 4 + k.len() + v.len()).sum::<usize>()
+        2 + self
+            .0
+            .iter()
+            .map(|(k, v)| 4 + k.len() + v.len())
+            .sum::<usize>()
     }
 
     /// The canonical serialization: empty for an empty context, otherwise a
@@ -157,7 +161,14 @@ mod tests {
         assert!(EncryptionContext::from_request(ctx(&[("", "v")]), 100).is_err());
         assert!(EncryptionContext::from_request(ctx(&[("aws-crypto-x", "v")]), 100).is_err());
         let err = EncryptionContext::from_request(ctx(&[("k", "0123456789")]), 10).unwrap_err();
-        assert!(matches!(err, Error::PayloadTooLarge { size: 17, limit: 10, .. }));
+        assert!(matches!(
+            err,
+            Error::PayloadTooLarge {
+                size: 17,
+                limit: 10,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -70,7 +70,14 @@ mod tests {
     }
 
     fn roundtrip(plaintext: &[u8], frame: u32, c: EncryptionContext) -> Result<Vec<u8>, Error> {
-        let msg = seal(&key(1), c, vec![edk()], frame, plaintext, &SystemRandom::new())?;
+        let msg = seal(
+            &key(1),
+            c,
+            vec![edk()],
+            frame,
+            plaintext,
+            &SystemRandom::new(),
+        )?;
         assert_eq!(
             msg.len() as u64,
             framed_message_len(
@@ -101,21 +108,43 @@ mod tests {
 
     #[test]
     fn exact_multiple_writes_full_final_frame() {
-        let msg = seal(&key(1), ctx(&[]), vec![edk()], 4, b"12345678", &SystemRandom::new())
+        let msg = seal(
+            &key(1),
+            ctx(&[]),
+            vec![edk()],
+            4,
+            b"12345678",
+            &SystemRandom::new(),
+        )
+        .unwrap();
+        let h = parse_header(&msg, &EnvelopeLimits::default())
+            .unwrap()
             .unwrap();
-        let h = parse_header(&msg, &EnvelopeLimits::default()).unwrap().unwrap();
         // one regular frame (4+12+4+16) and a final frame of 4 (4+4+12+4+4+16)
         assert_eq!(msg.len() - h.len, 36 + 44);
     }
 
     #[test]
     fn wrong_key_and_tampering_fail_authentication() {
-        let msg = seal(&key(1), ctx(&[("k", "v")]), vec![edk()], 16, b"hello world, hi!!", &SystemRandom::new())
-            .unwrap();
-        assert!(matches!(open_all(&msg, &key(2)), Err(Error::DecryptAuthFailed { .. })));
+        let msg = seal(
+            &key(1),
+            ctx(&[("k", "v")]),
+            vec![edk()],
+            16,
+            b"hello world, hi!!",
+            &SystemRandom::new(),
+        )
+        .unwrap();
+        assert!(matches!(
+            open_all(&msg, &key(2)),
+            Err(Error::DecryptAuthFailed { .. })
+        ));
         let mut appended = msg.clone();
         appended.push(0);
-        assert!(matches!(open_all(&appended, &key(1)), Err(Error::DecryptAuthFailed { .. })));
+        assert!(matches!(
+            open_all(&appended, &key(1)),
+            Err(Error::DecryptAuthFailed { .. })
+        ));
         assert!(matches!(
             open_all(&msg[..msg.len() - 1], &key(1)),
             Err(Error::DecryptAuthFailed { .. })
@@ -124,7 +153,15 @@ mod tests {
 
     #[test]
     fn unsupported_versions_and_suites_are_named() {
-        let msg = seal(&key(1), ctx(&[]), vec![edk()], 16, b"x", &SystemRandom::new()).unwrap();
+        let msg = seal(
+            &key(1),
+            ctx(&[]),
+            vec![edk()],
+            16,
+            b"x",
+            &SystemRandom::new(),
+        )
+        .unwrap();
         let mut v1 = msg.clone();
         v1[0] = 1;
         let err = open_all(&v1, &key(1)).unwrap_err();
@@ -137,8 +174,15 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_before_reading() {
-        let msg = seal(&key(1), ctx(&[("k", "v")]), vec![edk(); 3], 16, b"x", &SystemRandom::new())
-            .unwrap();
+        let msg = seal(
+            &key(1),
+            ctx(&[("k", "v")]),
+            vec![edk(); 3],
+            16,
+            b"x",
+            &SystemRandom::new(),
+        )
+        .unwrap();
         let tight = EnvelopeLimits {
             max_encrypted_data_keys: 2,
             max_context_bytes: 100,
@@ -151,16 +195,33 @@ mod tests {
             max_encrypted_data_keys: 4,
             max_context_bytes: 5,
         };
-        assert!(matches!(parse_header(&msg, &tight), Err(Error::PayloadTooLarge { .. })));
+        assert!(matches!(
+            parse_header(&msg, &tight),
+            Err(Error::PayloadTooLarge { .. })
+        ));
     }
 
     #[test]
     fn every_header_prefix_asks_for_more() {
-        let msg = seal(&key(1), ctx(&[("k", "v")]), vec![edk()], 16, b"x", &SystemRandom::new())
-            .unwrap();
-        let len = parse_header(&msg, &EnvelopeLimits::default()).unwrap().unwrap().len;
+        let msg = seal(
+            &key(1),
+            ctx(&[("k", "v")]),
+            vec![edk()],
+            16,
+            b"x",
+            &SystemRandom::new(),
+        )
+        .unwrap();
+        let len = parse_header(&msg, &EnvelopeLimits::default())
+            .unwrap()
+            .unwrap()
+            .len;
         for cut in 1..len {
-            assert!(parse_header(&msg[..cut], &EnvelopeLimits::default()).unwrap().is_none());
+            assert!(
+                parse_header(&msg[..cut], &EnvelopeLimits::default())
+                    .unwrap()
+                    .is_none()
+            );
         }
     }
 

@@ -169,12 +169,18 @@ impl AwsKmsKeyring {
         };
         let key_id = key_id.ok_or(unexpected("kms:GenerateDataKey", "response without KeyId"))?;
         if key_id != arn {
-            return Err(unexpected("kms:GenerateDataKey", "response names another key"));
+            return Err(unexpected(
+                "kms:GenerateDataKey",
+                "response names another key",
+            ));
         }
         let ciphertext = blob
             .map(Blob::into_inner)
             .filter(|b| !b.is_empty())
-            .ok_or(unexpected("kms:GenerateDataKey", "response without CiphertextBlob"))?;
+            .ok_or(unexpected(
+                "kms:GenerateDataKey",
+                "response without CiphertextBlob",
+            ))?;
         Ok((
             plaintext,
             EncryptedDataKey {
@@ -202,8 +208,12 @@ impl AwsKmsKeyring {
     ) -> Result<(SecretBytes, String), Error> {
         let mut first_error: Option<Error> = None;
         for edk in edks.iter().filter(|e| e.provider_id == PROVIDER_ID) {
-            let Ok(arn) = std::str::from_utf8(&edk.provider_info) else { continue };
-            let Some(key) = self.keys.iter().find(|k| k.arn == arn) else { continue };
+            let Ok(arn) = std::str::from_utf8(&edk.provider_info) else {
+                continue;
+            };
+            let Some(key) = self.keys.iter().find(|k| k.arn == arn) else {
+                continue;
+            };
             let result = self
                 .client
                 .decrypt()
@@ -215,22 +225,30 @@ impl AwsKmsKeyring {
             match result {
                 Ok(out) => {
                     let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
-                    if out.key_id.as_deref() != Some(key.arn.as_str()) || plain.len() != expected_len {
+                    if out.key_id.as_deref() != Some(key.arn.as_str())
+                        || plain.len() != expected_len
+                    {
                         plain.zeroize();
-                        first_error.get_or_insert(Error::auth("KMS Decrypt answered for another key or length"));
+                        first_error.get_or_insert(Error::auth(
+                            "KMS Decrypt answered for another key or length",
+                        ));
                         continue;
                     }
                     return Ok((SecretBytes::take_from(&mut plain), key.arn.clone()));
                 }
                 Err(e) => {
                     let err = classify(e, "kms:Decrypt", &key.arn);
-                    if first_error.is_none() || matches!(first_error, Some(Error::DecryptAuthFailed { .. })) {
+                    if first_error.is_none()
+                        || matches!(first_error, Some(Error::DecryptAuthFailed { .. }))
+                    {
                         first_error = Some(err);
                     }
                 }
             }
         }
-        Err(first_error.unwrap_or(Error::auth("no encrypted data key for a configured KMS key")))
+        Err(first_error.unwrap_or(Error::auth(
+            "no encrypted data key for a configured KMS key",
+        )))
     }
 }
 
@@ -249,19 +267,20 @@ fn unexpected(operation: &'static str, what: &str) -> Error {
 fn credentials_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>() {
+        if let Some(c) = e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+        {
             return Some(match c {
-                aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_) => {
-                    "no credentials found in the environment, profile, web identity token or \
+                aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(
+                    _,
+                ) => "no credentials found in the environment, profile, web identity token or \
                      instance metadata"
-                        .into()
-                }
+                    .into(),
                 aws_credential_types::provider::error::CredentialsError::ProviderTimedOut(_) => {
                     "the credentials provider timed out".into()
                 }
-                aws_credential_types::provider::error::CredentialsError::InvalidConfiguration(_) => {
-                    "the credentials configuration is invalid".into()
-                }
+                aws_credential_types::provider::error::CredentialsError::InvalidConfiguration(
+                    _,
+                ) => "the credentials configuration is invalid".into(),
                 aws_credential_types::provider::error::CredentialsError::ProviderError(_) => {
                     "the credentials provider (for example STS) returned an error".into()
                 }
@@ -313,7 +332,9 @@ where
                 | "IncompleteSignature" => Error::CredentialsUnavailable(format!(
                     "KMS rejected the request signature or token ({code})"
                 )),
-                "KMSInternalException" | "DependencyTimeoutException" | "InternalFailure"
+                "KMSInternalException"
+                | "DependencyTimeoutException"
+                | "InternalFailure"
                 | "ServiceUnavailable" => Error::KmsUnavailable {
                     operation,
                     reason: code,

@@ -86,17 +86,28 @@ pub fn load_or_create_key_file(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             create_key_file(path, rng).map(|k| (k, KeyFileOrigin::Created))
         }
-        Err(e) => Err(format!("cannot read local key file {}: {e}", path.display())),
+        Err(e) => Err(format!(
+            "cannot read local key file {}: {e}",
+            path.display()
+        )),
     }
 }
 
 fn create_key_file(path: &Path, rng: &dyn SecureRandom) -> Result<WrappingKey, String> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create directory {} for the local key: {e}", dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot create directory {} for the local key: {e}",
+                dir.display()
+            )
+        })?;
     let mut bytes = [0u8; AES_256_KEY_LEN];
     rng.fill(&mut bytes)
         .map_err(|_| "system random generator failed".to_owned())?;
@@ -125,7 +136,10 @@ fn create_key_file(path: &Path, rng: &dyn SecureRandom) -> Result<WrappingKey, S
         }
         Err(e) => {
             bytes.zeroize();
-            Err(format!("cannot create local key file {}: {e}", path.display()))
+            Err(format!(
+                "cannot create local key file {}: {e}",
+                path.display()
+            ))
         }
     }
 }
@@ -165,10 +179,14 @@ impl LocalKeyring {
         &self.namespace
     }
 
-    /// Wraps `data_key` bytes for `context`.
+    /// Wraps `data_key` bytes for `context` under a fresh random IV.
     ///
     /// # Errors
     /// [`Error::Internal`] if the random generator fails.
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a fresh random 96-bit IV per wrap (raw-aes-keyring.md); bound documented above"
+    )]
     pub fn wrap(
         &self,
         data_key: &[u8],
@@ -207,6 +225,10 @@ impl LocalKeyring {
     /// # Errors
     /// [`Error::DecryptAuthFailed`] if it claims to be ours but does not
     /// authenticate (tampered, or another context).
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "decryption takes the IV stored with the wrapped key"
+    )]
     pub fn unwrap(
         &self,
         edk: &EncryptedDataKey,
@@ -226,13 +248,19 @@ impl LocalKeyring {
         if lengths.get(..4) != Some(&TAG_BITS.to_be_bytes()[..])
             || lengths.get(4..) != Some(&(IV_LEN as u32).to_be_bytes()[..])
         {
-            return Err(Error::auth("raw AES provider info with other tag or IV length"));
+            return Err(Error::auth(
+                "raw AES provider info with other tag or IV length",
+            ));
         }
         let iv = <[u8; IV_LEN]>::try_from(iv).map_err(|_| Error::auth("raw AES IV length"))?;
         let mut buf = edk.ciphertext.clone();
         let opened = self
             .key
-            .open_in_place(Nonce::assume_unique_for_key(iv), Aad::from(context.serialize()), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(iv),
+                Aad::from(context.serialize()),
+                &mut buf,
+            )
             .map(|plain| plain.len());
         match opened {
             Ok(len) => {
@@ -265,9 +293,18 @@ mod tests {
         assert_eq!(edk.provider_info.len(), 4 + 8 + 12);
         let got = keyring(1).unwrap(&edk, &ctx).unwrap().unwrap();
         assert_eq!(got.expose(), &[9; 32]);
-        assert!(keyring(1).unwrap(&edk, &EncryptionContext::default()).is_err());
+        assert!(
+            keyring(1)
+                .unwrap(&edk, &EncryptionContext::default())
+                .is_err()
+        );
         assert!(keyring(2).unwrap(&edk, &ctx).is_err());
-        let other = LocalKeyring::new("other".into(), "name".into(), &WrappingKey::take_from(&mut [1; 32]).unwrap()).unwrap();
+        let other = LocalKeyring::new(
+            "other".into(),
+            "name".into(),
+            &WrappingKey::take_from(&mut [1; 32]).unwrap(),
+        )
+        .unwrap();
         assert!(other.unwrap(&edk, &ctx).unwrap().is_none());
     }
 
@@ -283,7 +320,11 @@ mod tests {
         let (k2, o2) = load_or_create_key_file(&path, &rng).unwrap();
         assert_eq!(o2, KeyFileOrigin::Loaded);
         assert_eq!(k1.expose(), k2.expose());
-        assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temp files left");
+        assert_eq!(
+            fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp files left"
+        );
 
         fs::write(&path, b"short").unwrap();
         let err = load_or_create_key_file(&path, &rng).unwrap_err();

@@ -28,7 +28,7 @@ pub struct GeneratedDataKey {
 #[derive(Debug)]
 pub enum Keyring {
     /// The ESDK raw AES keyring with a local wrapping key.
-    Local(LocalKeyring),
+    Local(Box<LocalKeyring>),
     /// The ESDK AWS KMS keyring, strict mode.
     AwsKms(AwsKmsKeyring),
 }
@@ -85,8 +85,9 @@ impl Keyring {
                 })
             }
             Self::AwsKms(k) => {
-                let (plaintext, encrypted) =
-                    k.generate(key_id, context, number_of_bytes, with_plaintext).await?;
+                let (plaintext, encrypted) = k
+                    .generate(key_id, context, number_of_bytes, with_plaintext)
+                    .await?;
                 Ok(GeneratedDataKey {
                     key_id: key_id.to_owned(),
                     plaintext,
@@ -105,7 +106,9 @@ impl Keyring {
         key_id: &str,
         context: &EncryptionContext,
     ) -> Result<(DataKey, EncryptedDataKey), Error> {
-        let generated = self.generate(key_id, context, AES_256_KEY_LEN, true).await?;
+        let generated = self
+            .generate(key_id, context, AES_256_KEY_LEN, true)
+            .await?;
         let data_key = generated
             .plaintext
             .and_then(|p| DataKey::take_from(&mut p.into_exposed_vec()))

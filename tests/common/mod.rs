@@ -1,7 +1,17 @@
 //! Test harness: a real KMS-protocol server (moto, from the test venv) and
 //! in-process sidecars on port 0, reached through real gRPC clients.
 
-#![allow(dead_code, reason = "each test binary uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -100,7 +110,9 @@ pub async fn kms_keyring(key_ids: &[String]) -> Keyring {
 
 pub fn local_keyring(byte: u8) -> Keyring {
     let key = WrappingKey::take_from(&mut [byte; 32]).unwrap();
-    Keyring::Local(LocalKeyring::new("kms-sidecar".into(), "local-key".into(), &key).unwrap())
+    Keyring::Local(Box::new(
+        LocalKeyring::new("kms-sidecar".into(), "local-key".into(), &key).unwrap(),
+    ))
 }
 
 /// An in-process sidecar serving on its own listeners.
@@ -143,7 +155,11 @@ impl Sidecar {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// A client with stock settings (4 MiB receive limit).

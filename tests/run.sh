@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs everything the tests need and runs every test:
+#   - a Python venv in .venv/ with the pinned packages of tests/requirements.txt
+#     (moto's KMS server, the official AWS Encryption SDK, grpcio, grpcurl);
+#   - cargo fmt, clippy, doc; the Rust unit, property and integration tests;
+#   - the cross-language tests in tests/python/ against the built binary.
+# Usage: tests/run.sh            (from anywhere; exits non-zero on any failure)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=$root/.venv
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Python test environment (.venv, pinned)"
+stamp=$venv/.requirements.sha256
+want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+    echo "$want" > "$stamp"
+fi
+export KMS_SIDECAR_TEST_PYTHON=$venv/bin/python
+
+step "Format, lints, docs"
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
+
+step "Rust tests (unit, property, gRPC integration against moto)"
+cargo build --locked --bins
+rust_log=$(mktemp)
+cargo test --locked 2>&1 | tee "$rust_log"
+rust_passed=$(grep -E '^test result:' "$rust_log" | awk '{s+=$4} END {print s+0}')
+rust_failed=$(grep -E '^test result:' "$rust_log" | awk '{s+=$6} END {print s+0}')
+rm -f "$rust_log"
+
+step "Cross-language tests (Python grpcio, official AWS Encryption SDK, grpcurl)"
+export KMS_SIDECAR_BIN=$root/target/debug/kms-sidecar
+py_log=$(mktemp)
+set +e
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$py_log"
+py_rc=${PIPESTATUS[0]}
+set -e
+py_passed=$(grep -oE '[0-9]+ passed' "$py_log" | tail -1 | cut -d' ' -f1)
+py_failed=$(grep -oE '[0-9]+ failed' "$py_log" | tail -1 | cut -d' ' -f1)
+rm -f "$py_log"
+
+echo
+echo "Rust: ${rust_passed} passed, ${rust_failed} failed; Python: ${py_passed:-0} passed, ${py_failed:-0} failed"
+echo "$((rust_passed + ${py_passed:-0})) passed, $((rust_failed + ${py_failed:-0})) failed"
+exit "$py_rc"
