@@ -85,7 +85,7 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTED_DATA_KEYS", default_value_t = 4)]
     pub max_encrypted_data_keys: usize,
 
-    /// Largest serialized encryption context, in bytes (at most 65535).
+    /// Largest serialized encryption context, in bytes (at most 16384).
     #[arg(
         long,
         env = "KMS_SIDECAR_MAX_ENCRYPTION_CONTEXT_BYTES",

@@ -1,0 +1,58 @@
+"""The README's newcomer path, run as written: wrap a file through the
+sidecar with grpcurl, decrypt it with the README's official-SDK script."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, start_sidecar
+from test_grpcurl import GRPCURL
+
+
+def readme_block(name: str) -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- readme-test: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README block {name} not found"
+    return match.group(1)
+
+
+def test_readme_wrap_file_then_decrypt_with_official_sdk(tmp_path):
+    # Zero-config sidecar: default key file location, namespace and key name.
+    sidecar = start_sidecar([], env={"XDG_DATA_HOME": str(tmp_path / "data")})
+    try:
+        document = tmp_path / "report.pdf"
+        document.write_bytes(os.urandom(200_000) + "é€ end".encode())
+        request = {
+            "plaintext": base64.b64encode(document.read_bytes()).decode(),
+            "encryption_context": {"doc": "report"},
+        }
+        out = subprocess.run(
+            [GRPCURL, "-plaintext", "-d", "@", sidecar.tcp, "kms_sidecar.v1.KeyService/Wrap"],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        envelope = tmp_path / "report.pdf.enc"
+        envelope.write_bytes(base64.b64decode(json.loads(out.stdout)["envelope"]))
+    finally:
+        assert sidecar.stop() == 0
+
+    script = tmp_path / "decrypt_local.py"
+    script.write_text(readme_block("decrypt_local.py"))
+    key_file = tmp_path / "data" / "kms-sidecar" / "local-key"
+    decrypted = tmp_path / "report.pdf.out"
+    run = subprocess.run(
+        [sys.executable, str(script), str(key_file), str(envelope), str(decrypted)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert decrypted.read_bytes() == document.read_bytes()
+    assert "'doc': 'report'" in run.stderr
