@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags and `KMS_SIDECAR_*` variables, parsed once into typed values.
+//! - [`client`]: connects to a sidecar over TCP or a Unix socket (tools, benchmarks, tests).
 //! - [`server`]: binds TCP / Unix listeners, stacks health, reflection and the service, shuts down.
 //! - [`api`]: the `kms_sidecar.v1.KeyService` handlers: validation, limits, orchestration.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
@@ -19,6 +20,7 @@
 //! Dependencies point one way: `api` → `keyring`, `envelope` → `secret`, `error`.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;

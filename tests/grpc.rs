@@ -383,19 +383,8 @@ async fn unix_socket_serves_and_is_removed_at_shutdown() {
         &[ListenAddr::Unix(path.clone())],
     )
     .await;
-    let connect_path = path.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let p = connect_path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let target = format!("unix://{}", path.display());
+    let channel = kms_sidecar::client::connect(&target).await.unwrap();
     let mut client = KeyServiceClient::new(channel);
     let envelope = client
         .wrap(WrapRequest {

@@ -396,3 +396,40 @@ async fn unresolvable_alias_fails_at_start() {
         "{err:?}"
     );
 }
+
+/// moto's KMS treats `{"ab":"c"}` and `{"a":"bc"}` as the same context; the
+/// envelope's length-prefixed context must not inherit that ambiguity.
+#[tokio::test]
+async fn ambiguous_contexts_are_distinct() {
+    let kms = kms_client();
+    let arn = create_key(&kms).await;
+    let sidecar = Sidecar::start(kms_keyring(std::slice::from_ref(&arn)).await).await;
+    let mut client = sidecar.client().await;
+    let envelope = client
+        .wrap(WrapRequest {
+            plaintext: b"bound".to_vec(),
+            encryption_context: ctx(&[("ab", "c")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .envelope;
+    let err = client
+        .unwrap(UnwrapRequest {
+            envelope: envelope.clone(),
+            encryption_context: ctx(&[("a", "bc")]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "DECRYPT_AUTH_FAILED");
+    let ok = client
+        .unwrap(UnwrapRequest {
+            envelope,
+            encryption_context: ctx(&[("ab", "c")]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().plaintext, b"bound");
+    sidecar.stop().await;
+}

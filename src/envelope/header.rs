@@ -304,6 +304,9 @@ fn parse_inner(bytes: &[u8], limits: &EnvelopeLimits) -> Result<ParsedHeader, Re
     }
     let message_id = r.array::<MESSAGE_ID_LEN>()?;
     let aad_len = usize::from(r.u16()?);
+    // Read first (at most 64 KiB): a length that runs past the message is
+    // damage, not a size problem.
+    let aad = r.take(aad_len)?;
     if aad_len > limits.max_context_bytes {
         return Err(Error::PayloadTooLarge {
             what: "envelope's serialized encryption context",
@@ -313,7 +316,7 @@ fn parse_inner(bytes: &[u8], limits: &EnvelopeLimits) -> Result<ParsedHeader, Re
         }
         .into());
     }
-    let context = read_context(r.take(aad_len)?)?;
+    let context = read_context(aad)?;
     let count = usize::from(r.u16()?);
     if count == 0 {
         return Err(Error::auth("no encrypted data keys").into());
