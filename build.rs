@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "kms_sidecar.v1.GenerateDataKeyResponse",
             "kms_sidecar.v1.WrapRequest",
             "kms_sidecar.v1.UnwrapResponse",
+            "kms_sidecar.v1.WrapStreamRequest",
+            "kms_sidecar.v1.UnwrapStreamResponse",
         ])
         .compile_with_config(config, &[proto], &["proto"])?;
     Ok(())

@@ -15,10 +15,12 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    GenerateDataKeyRequest, GenerateDataKeyResponse, UnwrapRequest, UnwrapResponse, WrapRequest,
-    WrapResponse,
+    GenerateDataKeyRequest, GenerateDataKeyResponse, UnwrapRequest, UnwrapResponse,
+    UnwrapStreamRequest, UnwrapStreamResponse, WrapRequest, WrapResponse, WrapStreamRequest,
+    WrapStreamResponse,
 };
 use crate::status::to_status;
+use crate::streaming::{ResponseStream, Streams};
 
 /// Most bytes GenerateDataKey returns (the KMS limit).
 pub const MAX_DATA_KEY_BYTES: u32 = 1024;
@@ -31,12 +33,14 @@ pub struct KeyServiceImpl {
     keyring: Arc<Keyring>,
     config: ServiceConfig,
     rng: SystemRandom,
+    streams: Streams,
 }
 
 impl KeyServiceImpl {
     /// A service over `keyring` with `config`'s limits.
     pub fn new(keyring: Arc<Keyring>, config: ServiceConfig) -> Self {
         Self {
+            streams: Streams::new(Arc::clone(&keyring), config),
             keyring,
             config,
             rng: SystemRandom::new(),
@@ -153,7 +157,7 @@ impl KeyServiceImpl {
 }
 
 /// Logs a failed call (reason and class only) and converts it.
-fn fail(err: &Error, supplied_context_keys: &[&str]) -> Status {
+pub(crate) fn log_failure(err: &Error, supplied_context_keys: &[&str]) -> Status {
     let status = to_status(err, supplied_context_keys);
     match err {
         Error::DecryptAuthFailed { detail } => {
@@ -183,7 +187,7 @@ impl KeyService for KeyServiceImpl {
             .instrument(span)
             .await
             .map(Response::new)
-            .map_err(|e| fail(&e, &[]))
+            .map_err(|e| log_failure(&e, &[]))
     }
 
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
@@ -197,7 +201,7 @@ impl KeyService for KeyServiceImpl {
             .instrument(span)
             .await
             .map(Response::new)
-            .map_err(|e| fail(&e, &[]))
+            .map_err(|e| log_failure(&e, &[]))
     }
 
     async fn unwrap(
@@ -216,7 +220,27 @@ impl KeyService for KeyServiceImpl {
             .instrument(span)
             .await
             .map(Response::new)
-            .map_err(|e| fail(&e, &keys.iter().map(String::as_str).collect::<Vec<_>>()))
+            .map_err(|e| log_failure(&e, &keys.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+
+    type WrapStreamStream = ResponseStream<WrapStreamResponse>;
+
+    async fn wrap_stream(
+        &self,
+        request: Request<tonic::Streaming<WrapStreamRequest>>,
+    ) -> Result<Response<Self::WrapStreamStream>, Status> {
+        let _enter = tracing::info_span!("WrapStream", key_id = tracing::field::Empty).entered();
+        self.streams.wrap(request.into_inner()).map(Response::new)
+    }
+
+    type UnwrapStreamStream = ResponseStream<UnwrapStreamResponse>;
+
+    async fn unwrap_stream(
+        &self,
+        request: Request<tonic::Streaming<UnwrapStreamRequest>>,
+    ) -> Result<Response<Self::UnwrapStreamStream>, Status> {
+        let _enter = tracing::info_span!("UnwrapStream", key_id = tracing::field::Empty).entered();
+        self.streams.unwrap(request.into_inner()).map(Response::new)
     }
 }
 
@@ -252,6 +276,31 @@ impl std::fmt::Debug for WrapRequest {
                 &self.encryption_context.keys().collect::<Vec<_>>(),
             )
             .finish()
+    }
+}
+
+impl std::fmt::Debug for WrapStreamRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrapStreamRequest")
+            .field("key_id", &self.key_id)
+            .field("frame_length", &self.frame_length)
+            .field(
+                "chunk",
+                &format_args!("<redacted, {} bytes>", self.chunk.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for UnwrapStreamResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnwrapStreamResponse")
+            .field("key_id", &self.key_id)
+            .field(
+                "chunk",
+                &format_args!("<redacted, {} bytes>", self.chunk.len()),
+            )
+            .finish_non_exhaustive()
     }
 }
 

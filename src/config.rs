@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::envelope::EnvelopeLimits;
+use crate::streaming::StreamConfig;
 
 /// Default gRPC address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -29,11 +30,88 @@ pub enum KeyringKind {
 
 /// kms-sidecar: envelope encryption as a gRPC sidecar.
 ///
-/// Serves kms_sidecar.v1.KeyService (GenerateDataKey, Wrap, Unwrap),
-/// grpc.health.v1 and server reflection. With no options it listens on
-/// 127.0.0.1:50051 and uses a local key file, created on first start.
+/// Serves kms_sidecar.v1.KeyService (GenerateDataKey, Wrap, Unwrap,
+/// WrapStream, UnwrapStream), grpc.health.v1 and server reflection. With no
+/// options it listens on 127.0.0.1:50051 and uses a local key file, created
+/// on first start. `kms-sidecar client wrap|unwrap` streams files through a
+/// running sidecar.
 #[derive(Debug, Parser)]
-#[command(name = "kms-sidecar", version, about, long_about)]
+#[command(
+    name = "kms-sidecar",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; without a subcommand, the sidecar runs (as `serve`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server options, when no subcommand is given.
+    #[command(flatten)]
+    pub serve: Args,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar (the default when no subcommand is given).
+    Serve(Args),
+    /// Stream a file or stdin through a running sidecar.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+/// Client subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Encrypt a file (or stdin) into an envelope with WrapStream.
+    Wrap(ClientWrapArgs),
+    /// Decrypt an envelope file (or stdin) with UnwrapStream. Writing to a
+    /// file, the output appears only once the whole envelope verified; on
+    /// stdout, discard everything if the exit code is not 0.
+    Unwrap(ClientIo),
+}
+
+/// Where the client connects and what it reads and writes.
+#[derive(Debug, clap::Args)]
+pub struct ClientIo {
+    /// Sidecar address: HOST:PORT or unix:///path.sock.
+    #[arg(long, env = "KMS_SIDECAR_ADDR", default_value = DEFAULT_LISTEN)]
+    pub addr: String,
+    /// Input file; `-` reads stdin.
+    #[arg(short, long, default_value = "-")]
+    pub input: PathBuf,
+    /// Output file; `-` writes stdout.
+    #[arg(short, long, default_value = "-")]
+    pub output: PathBuf,
+    /// Encryption context pair KEY=VALUE; repeat for several.
+    #[arg(short = 'c', long = "context", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+}
+
+/// `client wrap` options.
+#[derive(Debug, clap::Args)]
+pub struct ClientWrapArgs {
+    /// Input, output, address and context.
+    #[command(flatten)]
+    pub io: ClientIo,
+    /// Wrapping key (ARN, key ID, alias); empty = the sidecar's default.
+    #[arg(long, default_value = "")]
+    pub key_id: String,
+    /// Plaintext bytes per frame; 0 = the sidecar's default.
+    #[arg(long, default_value_t = 0)]
+    pub frame_length: u32,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("invalid context pair {s:?}: use KEY=VALUE"))
+}
+
+/// Options of the sidecar server.
+#[derive(Debug, clap::Args)]
 pub struct Args {
     /// Address to serve on: HOST:PORT for TCP, or unix:///path/to.sock for a
     /// Unix socket. Repeat (or comma-separate) for several.
@@ -100,6 +178,25 @@ pub struct Args {
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
     pub unix_socket_mode: u32,
+
+    /// Most WrapStream/UnwrapStream calls in progress at once; more are
+    /// refused at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KMS_SIDECAR_MAX_CONCURRENT_STREAMS", default_value_t = 64)]
+    pub max_concurrent_streams: usize,
+
+    /// Streaming: longest wait for the first request message.
+    #[arg(long, env = "KMS_SIDECAR_STREAM_FIRST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub stream_first_message_timeout: Duration,
+
+    /// Streaming: longest wait for each further request message.
+    #[arg(long, env = "KMS_SIDECAR_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// Streaming: longest wait for the client to read pending output; a
+    /// client that writes everything before reading gets RESOURCE_EXHAUSTED
+    /// after this.
+    #[arg(long, env = "KMS_SIDECAR_STREAM_STALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub stream_stall_timeout: Duration,
 
     /// How long to wait for in-flight calls after a shutdown signal.
     #[arg(long, env = "KMS_SIDECAR_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -169,6 +266,8 @@ pub struct ServiceConfig {
     pub frame_length: u32,
     /// Largest gRPC message in either direction.
     pub max_message_bytes: usize,
+    /// Streaming call limits.
+    pub streams: StreamConfig,
 }
 
 impl ServiceConfig {
@@ -184,6 +283,7 @@ impl Default for ServiceConfig {
             limits: EnvelopeLimits::default(),
             frame_length: 65536,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            streams: StreamConfig::default(),
         }
     }
 }
@@ -308,8 +408,21 @@ impl TryFrom<Args> for Config {
             // Keeps the worst-case header inside UNARY_REPLY_RESERVE.
             return Err("--max-encryption-context-bytes must be at most 16384".into());
         }
-        if a.kms_timeout.is_zero() {
-            return Err("--kms-timeout must be positive".into());
+        for (name, d) in [
+            ("--kms-timeout", a.kms_timeout),
+            (
+                "--stream-first-message-timeout",
+                a.stream_first_message_timeout,
+            ),
+            ("--stream-idle-timeout", a.stream_idle_timeout),
+            ("--stream-stall-timeout", a.stream_stall_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if a.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
         }
         Ok(Self {
             listen,
@@ -321,6 +434,12 @@ impl TryFrom<Args> for Config {
                 },
                 frame_length: a.frame_length,
                 max_message_bytes: a.max_message_bytes,
+                streams: StreamConfig {
+                    max_concurrent: a.max_concurrent_streams,
+                    first_message_timeout: a.stream_first_message_timeout,
+                    idle_timeout: a.stream_idle_timeout,
+                    stall_timeout: a.stream_stall_timeout,
+                },
             },
             kms_timeout: a.kms_timeout,
             unix_socket_mode: a.unix_socket_mode,
@@ -336,7 +455,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut full = vec!["kms-sidecar", "--local-key-file", "/tmp/k"];
         full.extend_from_slice(args);
-        Config::try_from(Args::try_parse_from(full).map_err(|e| e.to_string())?)
+        Config::try_from(Cli::try_parse_from(full).map_err(|e| e.to_string())?.serve)
     }
 
     #[test]
@@ -374,6 +493,30 @@ mod tests {
                 .unwrap_err()
                 .contains("4096")
         );
+    }
+
+    #[test]
+    fn client_subcommand_parses() {
+        let cli = Cli::try_parse_from([
+            "kms-sidecar",
+            "client",
+            "wrap",
+            "-i",
+            "in",
+            "-o",
+            "out",
+            "-c",
+            "a=b=c",
+            "--frame-length",
+            "128",
+        ])
+        .unwrap();
+        let Some(Command::Client(ClientCommand::Wrap(w))) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(w.io.context, vec![("a".to_owned(), "b=c".to_owned())]);
+        assert_eq!(w.frame_length, 128);
+        assert!(Cli::try_parse_from(["kms-sidecar", "client", "unwrap", "-c", "novalue"]).is_err());
     }
 
     #[test]

@@ -116,6 +116,40 @@ pub enum Error {
         code: String,
     },
 
+    /// No request message arrived within the stream's idle timeout.
+    #[error(
+        "no request message arrived for {waited:?}; send chunks more often or raise --stream-idle-timeout"
+    )]
+    StreamIdle {
+        /// How long the server waited.
+        waited: Duration,
+    },
+
+    /// The client did not read the response stream while output waited.
+    #[error(
+        "the response stream was not read for {waited:?} while the server held its buffer of \
+         {pending} bytes; read responses while sending requests"
+    )]
+    StreamNotRead {
+        /// How long the server waited.
+        waited: Duration,
+        /// The per-call output buffer bound, in bytes.
+        pending: usize,
+    },
+
+    /// The request stream ended abnormally (cancelled, reset).
+    #[error("the request stream was aborted: {0}")]
+    StreamAborted(&'static str),
+
+    /// Every streaming slot is in use.
+    #[error(
+        "{limit} streaming calls are already in progress (--max-concurrent-streams); retry shortly"
+    )]
+    TooManyStreams {
+        /// The configured limit.
+        limit: usize,
+    },
+
     /// A bug or an environment failure (random generator, I/O) in the sidecar.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -146,12 +180,15 @@ impl Error {
             | Self::KeyNotConfigured { .. }
             | Self::PayloadTooLarge { .. }
             | Self::TooManyEncryptedDataKeys { .. }
-            | Self::UnsupportedEnvelope(_) => ErrorClass::Caller,
+            | Self::UnsupportedEnvelope(_)
+            | Self::StreamIdle { .. }
+            | Self::StreamNotRead { .. }
+            | Self::StreamAborted(_) => ErrorClass::Caller,
             Self::DecryptAuthFailed { .. } => ErrorClass::DataCorrupt,
             Self::KmsAccessDenied { .. }
             | Self::KmsKeyDisabled { .. }
             | Self::KmsKeyNotFound { .. } => ErrorClass::KeyUnusable,
-            Self::KmsThrottled { .. } => ErrorClass::Throttled,
+            Self::KmsThrottled { .. } | Self::TooManyStreams { .. } => ErrorClass::Throttled,
             Self::KmsUnavailable { .. } | Self::CredentialsUnavailable(_) => {
                 ErrorClass::BackendUnavailable
             }

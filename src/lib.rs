@@ -10,6 +10,7 @@
 //! - [`client`]: connects to a sidecar over TCP or a Unix socket (tools, benchmarks, tests).
 //! - [`server`]: binds TCP / Unix listeners, stacks health, reflection and the service, shuts down.
 //! - [`api`]: the `kms_sidecar.v1.KeyService` handlers: validation, limits, orchestration.
+//! - [`streaming`]: WrapStream / UnwrapStream: frame-at-a-time, backpressure, stream limits.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
@@ -28,6 +29,7 @@ pub mod keyring;
 pub mod secret;
 pub mod server;
 pub mod status;
+pub mod streaming;
 
 /// Generated protobuf and gRPC code for `kms_sidecar.v1`.
 #[allow(

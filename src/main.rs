@@ -1,26 +1,23 @@
-//! The `kms-sidecar` binary: parse configuration, set up logging, run.
+//! The `kms-sidecar` binary: parse configuration, set up logging, run the
+//! sidecar or a client subcommand.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kms_sidecar::config::{Args, Config};
+use kms_sidecar::client::{self, ClientError};
+use kms_sidecar::config::{Args, Cli, ClientCommand, ClientIo, Command, Config};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = match Config::try_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("kms-sidecar: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,12 +28,102 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match cli.command {
+        None => serve(&runtime, cli.serve),
+        Some(Command::Serve(args)) => serve(&runtime, args),
+        Some(Command::Client(cmd)) => match runtime.block_on(run_client(cmd)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kms-sidecar: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kms-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match runtime.block_on(kms_sidecar::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kms-sidecar: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
+    let io = match &cmd {
+        ClientCommand::Wrap(w) => &w.io,
+        ClientCommand::Unwrap(io) => io,
+    };
+    let channel = client::connect(&io.addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            target: io.addr.clone(),
+            source,
+        })?;
+    let context: HashMap<String, String> = io.context.iter().cloned().collect();
+    let input = open_input(io).await?;
+    let chunk = client::DEFAULT_CHUNK_BYTES;
+    let (key_id, bytes) = match (&cmd, is_stdio(&io.output)) {
+        (ClientCommand::Wrap(w), true) => {
+            client::wrap_stream(
+                channel,
+                w.key_id.clone(),
+                context,
+                w.frame_length,
+                input,
+                &mut tokio::io::stdout(),
+                chunk,
+            )
+            .await?
+        }
+        (ClientCommand::Wrap(w), false) => {
+            let mut file = tokio::fs::File::create(&io.output).await?;
+            let result = client::wrap_stream(
+                channel,
+                w.key_id.clone(),
+                context,
+                w.frame_length,
+                input,
+                &mut file,
+                chunk,
+            )
+            .await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&io.output).await;
+            }
+            result?
+        }
+        (ClientCommand::Unwrap(_), true) => {
+            client::unwrap_stream(channel, context, input, &mut tokio::io::stdout(), chunk).await?
+        }
+        (ClientCommand::Unwrap(_), false) => {
+            client::unwrap_stream_to_file(channel, context, input, &io.output, chunk).await?
+        }
+    };
+    tracing::info!(key_id, plaintext_bytes = bytes, "done");
+    Ok(())
+}
+
+fn is_stdio(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+async fn open_input(
+    io: &ClientIo,
+) -> Result<Box<dyn tokio::io::AsyncRead + Unpin + Send>, ClientError> {
+    if is_stdio(&io.input) {
+        Ok(Box::new(tokio::io::stdin()))
+    } else {
+        Ok(Box::new(tokio::fs::File::open(&io.input).await?))
     }
 }
 

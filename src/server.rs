@@ -208,26 +208,12 @@ impl<S> PayloadLimitStatus<S> {
     }
 }
 
-/// Tonic's message for a request over the decoding limit.
-const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
-
 fn rewrite_too_large(headers: &mut http::HeaderMap) {
     let Some(status) = tonic::Status::from_header_map(headers) else {
         return;
     };
-    if status.code() != tonic::Code::OutOfRange {
+    let Some((size, limit)) = crate::status::tonic_too_large(&status) else {
         return;
-    }
-    let Some(rest) = status.message().strip_prefix(TONIC_TOO_LARGE) else {
-        return;
-    };
-    let numbers: Vec<u64> = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    let (size, limit) = match numbers.as_slice() {
-        [size, limit, ..] => (*size, *limit),
-        _ => return,
     };
     let ours = to_status(
         &Error::PayloadTooLarge {

@@ -112,6 +112,20 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
             meta.insert("operation".into(), (*operation).into());
             (Code::Internal, "KMS_UNEXPECTED_ERROR", err.to_string())
         }
+        Error::StreamIdle { .. } => (
+            Code::DeadlineExceeded,
+            "STREAM_IDLE_TIMEOUT",
+            err.to_string(),
+        ),
+        Error::StreamNotRead { .. } => {
+            (Code::ResourceExhausted, "STREAM_NOT_READ", err.to_string())
+        }
+        Error::StreamAborted(_) => (Code::Cancelled, "STREAM_ABORTED", err.to_string()),
+        Error::TooManyStreams { limit } => {
+            meta.insert("limit".into(), limit.to_string());
+            retry = Some(std::time::Duration::from_secs(1));
+            (Code::ResourceExhausted, "TOO_MANY_STREAMS", err.to_string())
+        }
         Error::Internal(_) => (Code::Internal, "INTERNAL", err.to_string()),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);
@@ -119,6 +133,43 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
         details.set_retry_info(Some(delay));
     }
     Status::with_error_details(code, message, details)
+}
+
+/// Tonic's message for a message over the decoding limit.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// Recognizes tonic's own "decoded message length too large" status and
+/// returns (size, limit).
+pub fn tonic_too_large(status: &Status) -> Option<(u64, u64)> {
+    if status.code() != Code::OutOfRange {
+        return None;
+    }
+    let rest = status.message().strip_prefix(TONIC_TOO_LARGE)?;
+    let numbers: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [size, limit, ..] => Some((*size, *limit)),
+        _ => None,
+    }
+}
+
+/// The error behind a failed read of a request stream.
+pub fn from_transport(status: &Status) -> Error {
+    if let Some((size, limit)) = tonic_too_large(status) {
+        return Error::PayloadTooLarge {
+            what: "request message",
+            size,
+            limit,
+            hint: "; send smaller chunks or raise --max-message-bytes",
+        };
+    }
+    tracing::debug!(code = ?status.code(), message = status.message(), "request stream failed");
+    match status.code() {
+        Code::Cancelled => Error::StreamAborted("the client cancelled the call"),
+        _ => Error::StreamAborted("the request stream failed"),
+    }
 }
 
 #[cfg(test)]

@@ -458,13 +458,13 @@ async fn local_key_file_survives_restarts() {
     let key_file = dir.path().join("keys").join("local-key");
     let config = |path: &std::path::Path| {
         use clap::Parser;
-        let args = kms_sidecar::config::Args::try_parse_from([
+        let cli = kms_sidecar::config::Cli::try_parse_from([
             "kms-sidecar",
             "--local-key-file",
             path.to_str().unwrap(),
         ])
         .unwrap();
-        kms_sidecar::config::Config::try_from(args).unwrap()
+        kms_sidecar::config::Config::try_from(cli.serve).unwrap()
     };
     let first = Sidecar::start(
         kms_sidecar::build_keyring(&config(&key_file))
