@@ -17,7 +17,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use std::future::Future;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Status, Streaming};
 
 use crate::config::ServiceConfig;
@@ -64,8 +66,58 @@ impl Default for StreamConfig {
     }
 }
 
-/// The response half of a streaming call.
-pub type ResponseStream<T> = tokio_stream::wrappers::ReceiverStream<Result<T, Status>>;
+/// The response half of a streaming call: the messages the call's task
+/// produced, then its final status. The final status travels on its own
+/// one-shot channel, so it is delivered even when the message channel was
+/// full when the task gave up: a failed call can never end with OK.
+#[derive(Debug)]
+pub struct ResponseStream<T> {
+    messages: mpsc::Receiver<T>,
+    outcome: Option<oneshot::Receiver<Result<(), Status>>>,
+    failed: bool,
+}
+
+impl<T> tokio_stream::Stream for ResponseStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        // A failure is reported at once; queued messages are dropped (the
+        // client must discard everything of a failed call anyway).
+        if let Some(outcome) = self.outcome.as_mut()
+            && let Poll::Ready(result) = std::pin::Pin::new(outcome).poll(cx)
+        {
+            let result = result.unwrap_or_else(|_| {
+                Err(to_status(
+                    &Error::Internal("streaming task ended early"),
+                    &[],
+                ))
+            });
+            match result {
+                Err(status) => {
+                    self.outcome = None;
+                    self.messages.close();
+                    while self.messages.try_recv().is_ok() {}
+                    self.failed = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Ok(()) => self.outcome = None,
+            }
+        }
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match self.messages.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => Poll::Ready(Some(Ok(msg))),
+            // The task dropped its sender: done once the outcome is known.
+            Poll::Ready(None) if self.outcome.is_none() => Poll::Ready(None),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
 
 /// Runs streaming calls for the service.
 #[derive(Debug, Clone)]
@@ -77,14 +129,14 @@ pub struct Streams {
 
 /// Sends response messages, failing fast when the client does not read.
 struct Sender<T> {
-    tx: mpsc::Sender<Result<T, Status>>,
+    tx: mpsc::Sender<T>,
     stall: Duration,
 }
 
 impl<T> Sender<T> {
     async fn send(&self, msg: T) -> Result<(), Error> {
         use mpsc::error::SendTimeoutError;
-        match self.tx.send_timeout(Ok(msg), self.stall).await {
+        match self.tx.send_timeout(msg, self.stall).await {
             Ok(()) => Ok(()),
             Err(SendTimeoutError::Timeout(_)) => Err(Error::StreamNotRead {
                 waited: self.stall,
@@ -94,6 +146,20 @@ impl<T> Sender<T> {
         }
     }
 }
+
+/// After a failure, reads and discards what the client still sends (for at
+/// most [`MAX_DRAIN`], each message within `idle`), so that a client that
+/// writes before it reads finishes writing and then sees the error status
+/// instead of waiting on flow control until its deadline.
+async fn drain<M>(input: &mut Streaming<M>, idle: Duration) {
+    let _ = tokio::time::timeout(MAX_DRAIN, async {
+        while let Ok(Ok(Some(_))) = tokio::time::timeout(idle, input.message()).await {}
+    })
+    .await;
+}
+
+/// Longest time a failed call keeps discarding request messages.
+const MAX_DRAIN: Duration = Duration::from_secs(30);
 
 /// Reads the next request message within `wait`.
 async fn next<M>(input: &mut Streaming<M>, wait: Duration) -> Result<Option<M>, Error> {
@@ -124,7 +190,7 @@ impl Streams {
         Req: Send + 'static,
         Resp: Send + 'static,
         F: FnOnce(Self, Streaming<Req>, Sender<Resp>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = (Result<(), Error>, Vec<String>)> + Send + 'static,
+        Fut: Future<Output = (Result<(), Error>, Vec<String>, Streaming<Req>)> + Send + 'static,
     {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
             let err = Error::TooManyStreams {
@@ -134,26 +200,35 @@ impl Streams {
             to_status(&err, &[])
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (done_tx, done_rx) = oneshot::channel();
         let sender = Sender {
-            tx: tx.clone(),
+            tx,
             stall: self.config.streams.stall_timeout,
         };
         let this = self.clone();
+        let idle = self.config.streams.idle_timeout;
         let span = tracing::Span::current();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let (result, context_keys) = run(this, input, sender).await;
-                if let Err(err) = result {
+                let (result, context_keys, mut input) = run(this, input, sender).await;
+                let failed = result.is_err();
+                let outcome = result.map_err(|err| {
                     let keys: Vec<&str> = context_keys.iter().map(String::as_str).collect();
-                    let status = crate::api::log_failure(&err, &keys);
-                    // Best effort: a client that stopped reading cannot get it.
-                    let _ = tx.try_send(Err(status));
+                    crate::api::log_failure(&err, &keys)
+                });
+                let _ = done_tx.send(outcome);
+                if failed {
+                    drain(&mut input, idle).await;
                 }
                 drop(permit);
             },
             span,
         ));
-        Ok(ResponseStream::new(rx))
+        Ok(ResponseStream {
+            messages: rx,
+            outcome: Some(done_rx),
+            failed: false,
+        })
     }
 
     /// Starts a WrapStream call.
@@ -165,7 +240,7 @@ impl Streams {
         input: Streaming<WrapStreamRequest>,
     ) -> Result<ResponseStream<WrapStreamResponse>, Status> {
         self.spawn(input, |this, mut input, out| async move {
-            (this.run_wrap(&mut input, &out).await, Vec::new())
+            (this.run_wrap(&mut input, &out).await, Vec::new(), input)
         })
     }
 
@@ -180,7 +255,7 @@ impl Streams {
         self.spawn(input, |this, mut input, out| async move {
             let mut keys = Vec::new();
             let result = this.run_unwrap(&mut input, &out, &mut keys).await;
-            (result, keys)
+            (result, keys, input)
         })
     }
 
