@@ -19,13 +19,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aws_encryption_sdk
 import boto3
 import grpc
 import pytest
+from aws_encryption_sdk import Algorithm, CommitmentPolicy
+from aws_encryption_sdk.identifiers import EncryptionKeyType, WrappingAlgorithm
+from aws_encryption_sdk.internal.crypto.wrapping_keys import WrappingKey
+from aws_encryption_sdk.key_providers.raw import RawMasterKeyProvider
 from moto.server import ThreadedMotoServer
 
 REPO = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
+SUITE = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 
 
 def free_port() -> int:
@@ -215,3 +221,38 @@ def error_reason(err: grpc.RpcError) -> str:
         if detail.Unpack(info):
             return info.reason
     raise AssertionError(f"no ErrorInfo in {status}")
+
+
+class StaticRawKeys(RawMasterKeyProvider):
+    """The SDK's raw AES keyring (legacy master-key-provider form)."""
+
+    provider_id = "interop-ns"
+    key = b""
+
+    def _get_raw_key(self, key_id):
+        return WrappingKey(
+            wrapping_algorithm=WrappingAlgorithm.AES_256_GCM_IV12_TAG16_NO_PADDING,
+            wrapping_key=self.key,
+            wrapping_key_type=EncryptionKeyType.SYMMETRIC,
+        )
+
+
+def esdk_client():
+    return aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+    )
+
+
+@pytest.fixture(scope="module")
+def raw_provider(local_key):
+    provider = StaticRawKeys()
+    provider.key = local_key[1]
+    provider.add_master_key(b"interop-key")
+    return provider
+
+
+@pytest.fixture(scope="module")
+def kms_provider(kms_key_arn):
+    return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_arn])
+
+
