@@ -232,7 +232,7 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn python_compare(sock: &Path, key_file: &Path) -> Option<(f64, f64)> {
+fn python_compare(sock: &Path, key_file: &Path) -> Option<Vec<f64>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     if !python.exists() {
@@ -378,10 +378,20 @@ fn main() {
         rss_peak as f64 / 1024.0,
         rss_peak.saturating_sub(rss_before) as f64 / 1024.0
     );
-    if let Some((sdk, grpc)) = python {
+    if let Some(r) = python {
+        let (sdk_default, sdk_64k, grpc_64k, grpc_1m) = (r[0], r[1], r[2], r[3]);
+        println!("64 MiB from Python (test venv):");
+        println!("  official ESDK in-process, default 4 KiB frames  {sdk_default:>8.0} MB/s");
+        println!("  official ESDK in-process, 64 KiB frames         {sdk_64k:>8.0} MB/s");
         println!(
-            "64 MiB from Python: official ESDK in-process {sdk:.0} MB/s; grpcio WrapStream via sidecar {grpc:.0} MB/s: {:.1}x",
-            grpc / sdk
+            "  grpcio WrapStream via sidecar, 64 KiB chunks    {grpc_64k:>8.0} MB/s  ({:.1}x / {:.1}x)",
+            grpc_64k / sdk_default,
+            grpc_64k / sdk_64k
+        );
+        println!(
+            "  grpcio WrapStream via sidecar, 1 MiB chunks     {grpc_1m:>8.0} MB/s  ({:.1}x / {:.1}x)",
+            grpc_1m / sdk_default,
+            grpc_1m / sdk_64k
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -14,16 +14,18 @@
 //! that writes everything before reading fails fast with
 //! RESOURCE_EXHAUSTED instead of hanging until its deadline.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use std::future::Future;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use crate::config::ServiceConfig;
-use crate::envelope::{self, ContentType, EncryptionContext, Opener, Sealer, Step};
+use crate::envelope::{self, ContentType, EncryptionContext, Opener, Sealer};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::{
@@ -303,33 +305,45 @@ impl Streams {
         .await?;
 
         let frame = frame_length as usize;
-        let mut pending = first.chunk;
-        let mut sealed: Vec<u8> = Vec::with_capacity(OUT_MESSAGE_BYTES + frame + 64);
+        let sealed_frame = frame + envelope::REGULAR_FRAME_OVERHEAD as usize;
+        let mut pending = Pending::default();
+        pending.push(first.chunk);
+        let mut sealed: Vec<u8> = Vec::new();
         let mut total: u64 = 0;
         loop {
-            // Seal every frame known not to be the last one.
-            let mut start = 0;
-            while pending.len() - start > frame {
-                let chunk = pending.get(start..start + frame).unwrap_or_default();
-                sealer.seal_frame(chunk, &mut sealed)?;
-                start += frame;
+            // Seal every frame known not to be the last one, copying its
+            // plaintext once, from the request chunks into the output.
+            while pending.len() > frame {
+                if sealed.capacity() == 0 {
+                    let frames = ((pending.len() - 1) / frame).min(OUT_MESSAGE_BYTES / frame + 1);
+                    sealed.reserve_exact(frames * sealed_frame);
+                }
+                sealer.seal_frame_with(&mut sealed, |o| pending.move_to(frame, o))?;
+                total += frame as u64;
                 if sealed.len() >= OUT_MESSAGE_BYTES {
-                    out.send(take_chunk(&mut sealed)).await?;
+                    out.send(wrap_chunk(std::mem::take(&mut sealed))).await?;
                 }
             }
-            pending.drain(..start);
-            total += start as u64;
-            if !sealed.is_empty() {
-                out.send(take_chunk(&mut sealed)).await?;
-            }
-            match next(input, streams.idle_timeout).await? {
-                Some(msg) => pending.extend_from_slice(&msg.chunk),
+            // Batch output while more input is already waiting; flush before
+            // waiting for the client.
+            let msg = match try_next(input)? {
+                Some(msg) => msg,
+                None => {
+                    if !sealed.is_empty() {
+                        out.send(wrap_chunk(std::mem::take(&mut sealed))).await?;
+                    }
+                    next(input, streams.idle_timeout).await?
+                }
+            };
+            match msg {
+                Some(msg) => pending.push(msg.chunk),
                 None => break,
             }
         }
-        total += pending.len() as u64;
-        sealer.seal_final(&pending, &mut sealed)?;
-        out.send(take_chunk(&mut sealed)).await?;
+        let len = pending.len();
+        total += len as u64;
+        sealer.seal_final_with(len, &mut sealed, |o| pending.move_to(len, o))?;
+        out.send(wrap_chunk(sealed)).await?;
         tracing::debug!(plaintext_bytes = total, "WrapStream done");
         Ok(())
     }
@@ -367,23 +381,19 @@ impl Streams {
         if !parsed.header.context.matches_ignoring_reserved(&supplied) {
             return Err(Error::auth("encryption context differs"));
         }
-        // Bytes of one frame (or of non-framed content) that must be held
-        // until its tag verifies.
-        let unverified_limit = match parsed.header.content_type {
-            ContentType::Framed { frame_length } => {
-                let limit = self.config.max_message_bytes as u64;
-                if u64::from(frame_length) > limit {
-                    return Err(Error::PayloadTooLarge {
-                        what: "envelope frame length",
-                        size: frame_length.into(),
-                        limit,
-                        hint: "; UnwrapStream holds one frame until it verifies",
-                    });
-                }
-                frame_length as usize + envelope::FINAL_FRAME_OVERHEAD as usize
-            }
-            ContentType::NonFramed => self.config.max_message_bytes,
-        };
+        // Most bytes of one frame (or of non-framed content) held until its
+        // tag verifies.
+        let unverified_limit = self.config.max_message_bytes;
+        if let ContentType::Framed { frame_length } = parsed.header.content_type
+            && frame_length as usize > unverified_limit
+        {
+            return Err(Error::PayloadTooLarge {
+                what: "envelope frame length",
+                size: frame_length.into(),
+                limit: unverified_limit as u64,
+                hint: "; UnwrapStream holds one frame until it verifies",
+            });
+        }
         let (data_key, key_id) = self
             .keyring
             .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
@@ -398,45 +408,59 @@ impl Streams {
         })
         .await?;
 
-        let mut pos = parsed.len;
+        let mut pending = Pending::default();
+        pending.push(buf.split_off(parsed.len));
+        drop(buf);
         let mut plain: Vec<u8> = Vec::new();
-        loop {
-            match opener.open_next(buf.get(pos..).unwrap_or_default(), &mut plain)? {
-                Step::Opened { consumed, last } => {
-                    pos += consumed;
-                    if last {
-                        break;
-                    }
-                    while plain.len() >= OUT_MESSAGE_BYTES {
-                        let rest = plain.split_off(OUT_MESSAGE_BYTES);
-                        out.send(unwrap_chunk(std::mem::replace(&mut plain, rest)))
-                            .await?;
-                    }
+        while !opener.is_finished() {
+            // Open every frame that is complete, copying its ciphertext
+            // once, from the request chunks into the output.
+            let mut head_bytes = [0u8; envelope::MAX_FRAME_HEAD];
+            let seen = pending.peek(&mut head_bytes);
+            let head = match opener.next_head(head_bytes.get(..seen).unwrap_or_default())? {
+                Some(head) if head.content_len > unverified_limit => {
+                    return Err(Error::PayloadTooLarge {
+                        what: "non-framed envelope content",
+                        size: head.content_len as u64,
+                        limit: unverified_limit as u64,
+                        hint: "; UnwrapStream holds non-framed content until it verifies",
+                    });
                 }
-                Step::NeedMore => {
+                Some(head) if pending.len() >= head.total_len() => Some(head),
+                _ => None,
+            };
+            if let Some(head) = head {
+                pending.skip(head.head_len);
+                if plain.capacity() == 0 {
+                    plain.reserve_exact(head.content_len.max(OUT_MESSAGE_BYTES.min(pending.len())));
+                }
+                let start = plain.len();
+                pending.move_to(head.content_len, &mut plain);
+                let mut tag = [0u8; envelope::TAG_LEN];
+                pending.move_to_slice(&mut tag);
+                opener.open_frame(&head, &tag, &mut plain, start)?;
+                if !head.last && plain.len() >= OUT_MESSAGE_BYTES {
+                    send_plaintext(out, &mut plain).await?;
+                }
+                continue;
+            }
+            let msg = match try_next(input)? {
+                Some(msg) => msg,
+                None => {
                     if !plain.is_empty() {
-                        out.send(unwrap_chunk(std::mem::take(&mut plain))).await?;
+                        send_plaintext(out, &mut plain).await?;
                     }
-                    buf.drain(..pos);
-                    pos = 0;
-                    if buf.len() > unverified_limit {
-                        return Err(Error::PayloadTooLarge {
-                            what: "non-framed envelope content",
-                            size: buf.len() as u64,
-                            limit: unverified_limit as u64,
-                            hint: "; UnwrapStream buffers non-framed content until it verifies",
-                        });
-                    }
-                    match next(input, streams.idle_timeout).await? {
-                        Some(msg) => buf.extend_from_slice(&msg.chunk),
-                        None => return Err(Error::auth("envelope truncated")),
-                    }
+                    next(input, streams.idle_timeout).await?
                 }
+            };
+            match msg {
+                Some(msg) => pending.push(msg.chunk),
+                None => return Err(Error::auth("envelope truncated")),
             }
         }
         // The final frame verified; it is released only once the request
         // stream has ended with nothing after it.
-        if pos != buf.len() {
+        if pending.len() != 0 {
             return Err(Error::auth("bytes after the final frame"));
         }
         while let Some(msg) = next(input, streams.idle_timeout).await? {
@@ -444,22 +468,133 @@ impl Streams {
                 return Err(Error::auth("bytes after the final frame"));
             }
         }
-        while plain.len() > OUT_MESSAGE_BYTES {
-            let rest = plain.split_off(OUT_MESSAGE_BYTES);
-            out.send(unwrap_chunk(std::mem::replace(&mut plain, rest)))
-                .await?;
-        }
-        if !plain.is_empty() {
-            out.send(unwrap_chunk(plain)).await?;
-        }
-        Ok(())
+        send_plaintext(out, &mut plain).await
     }
 }
 
-fn take_chunk(sealed: &mut Vec<u8>) -> WrapStreamResponse {
-    let capacity = sealed.capacity();
+/// The next request message if one is already waiting (`Ok(None)`: none
+/// yet); `Ok(Some(None))` is the end of the stream.
+#[allow(
+    clippy::option_option,
+    reason = "not ready / ended / message are three distinct answers"
+)]
+fn try_next<M>(input: &mut Streaming<M>) -> Result<Option<Option<M>>, Error> {
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::pin::Pin::new(input).poll_next(&mut cx) {
+        Poll::Pending => Ok(None),
+        Poll::Ready(None) => Ok(Some(None)),
+        Poll::Ready(Some(Ok(msg))) => Ok(Some(Some(msg))),
+        Poll::Ready(Some(Err(status))) => Err(crate::status::from_transport(&status)),
+    }
+}
+
+/// Sends verified plaintext in messages of at most [`OUT_MESSAGE_BYTES`]
+/// when a frame made it larger (frames over 1 MiB), else as it is.
+async fn send_plaintext(
+    out: &Sender<UnwrapStreamResponse>,
+    plain: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let mut all = std::mem::take(plain);
+    if all.is_empty() {
+        return Ok(());
+    }
+    if all.len() > 2 * OUT_MESSAGE_BYTES {
+        for piece in all.chunks(OUT_MESSAGE_BYTES) {
+            out.send(unwrap_chunk(piece.to_vec())).await?;
+        }
+        all.clear();
+        return Ok(());
+    }
+    out.send(unwrap_chunk(all)).await
+}
+
+/// Request bytes received but not yet consumed, kept as the chunks they
+/// arrived in: nothing is copied into one big buffer.
+#[derive(Debug, Default)]
+struct Pending {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already consumed.
+    offset: usize,
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, chunk: Vec<u8>) {
+        if !chunk.is_empty() {
+            self.len += chunk.len();
+            self.chunks.push_back(chunk);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies the first bytes into `out` without consuming them; returns
+    /// how many were copied.
+    fn peek(&self, out: &mut [u8]) -> usize {
+        let mut filled = 0;
+        let mut offset = self.offset;
+        for chunk in &self.chunks {
+            let src = chunk.get(offset..).unwrap_or_default();
+            let dst = out.get_mut(filled..).unwrap_or_default();
+            let n = src.len().min(dst.len());
+            dst.get_mut(..n)
+                .unwrap_or_default()
+                .copy_from_slice(src.get(..n).unwrap_or_default());
+            filled += n;
+            offset = 0;
+            if filled == out.len() {
+                break;
+            }
+        }
+        filled
+    }
+
+    /// Consumes `n` bytes, handing each piece to `sink`.
+    fn consume(&mut self, mut n: usize, mut sink: impl FnMut(&[u8])) {
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                return;
+            };
+            let available = front.get(self.offset..).unwrap_or_default();
+            let take = available.len().min(n);
+            sink(available.get(..take).unwrap_or_default());
+            self.offset += take;
+            self.len -= take;
+            n -= take;
+            if self.offset == front.len() {
+                self.chunks.pop_front();
+                self.offset = 0;
+            }
+        }
+    }
+
+    fn skip(&mut self, n: usize) {
+        self.consume(n, |_| {});
+    }
+
+    /// Moves `n` bytes to the end of `out`.
+    fn move_to(&mut self, n: usize, out: &mut Vec<u8>) {
+        self.consume(n, |piece| out.extend_from_slice(piece));
+    }
+
+    /// Moves exactly `out.len()` bytes into `out`.
+    fn move_to_slice(&mut self, out: &mut [u8]) {
+        let mut at = 0;
+        self.consume(out.len(), |piece| {
+            if let Some(dst) = out.get_mut(at..at + piece.len()) {
+                dst.copy_from_slice(piece);
+            }
+            at += piece.len();
+        });
+    }
+}
+
+fn wrap_chunk(chunk: Vec<u8>) -> WrapStreamResponse {
     WrapStreamResponse {
-        chunk: std::mem::replace(sealed, Vec::with_capacity(capacity)),
+        chunk,
         key_id: String::new(),
     }
 }
@@ -468,5 +603,33 @@ fn unwrap_chunk(chunk: Vec<u8>) -> UnwrapStreamResponse {
     UnwrapStreamResponse {
         chunk,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn pending_moves_bytes_across_chunks() {
+        let mut p = Pending::default();
+        p.push(vec![1, 2, 3]);
+        p.push(Vec::new());
+        p.push(vec![4]);
+        p.push(vec![5, 6, 7, 8]);
+        assert_eq!(p.len(), 8);
+        let mut head = [0u8; 5];
+        assert_eq!(p.peek(&mut head), 5);
+        assert_eq!(head, [1, 2, 3, 4, 5]);
+        p.skip(2);
+        let mut out = vec![9];
+        p.move_to(3, &mut out);
+        assert_eq!(out, [9, 3, 4, 5]);
+        let mut tag = [0u8; 3];
+        p.move_to_slice(&mut tag);
+        assert_eq!(tag, [6, 7, 8]);
+        assert_eq!(p.len(), 0);
+        let mut big = [0u8; 4];
+        assert_eq!(p.peek(&mut big), 0);
     }
 }

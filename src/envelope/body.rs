@@ -139,13 +139,24 @@ impl Sealer {
     /// # Errors
     /// [`Error::Internal`] if `plaintext` is not one frame long.
     pub fn seal_frame(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        if plaintext.len() != self.frame_length() {
-            return Err(Error::Internal("regular frame of the wrong length"));
-        }
+        self.seal_frame_with(out, |o| o.extend_from_slice(plaintext))
+    }
+
+    /// Seals one regular frame whose plaintext `fill` appends to `out`
+    /// (exactly `frame_length` bytes), so a caller holding the plaintext in
+    /// pieces copies it once, straight into the output.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] if `fill` appends another number of bytes.
+    pub fn seal_frame_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Error> {
         let seq = self.take_seq()?;
-        let aad = body_aad(&self.message_id, FRAME_STRING, seq, plaintext.len() as u64);
         out.extend_from_slice(&seq.to_be_bytes());
-        self.seal_into(seq, &aad, plaintext, false, out)
+        let len = self.frame_length();
+        self.seal_into(seq, FRAME_STRING, len, None, out, fill)
     }
 
     /// Seals the final frame (0..=`frame_length` bytes) onto `out`, ending
@@ -153,38 +164,57 @@ impl Sealer {
     ///
     /// # Errors
     /// [`Error::Internal`] if `plaintext` is longer than one frame.
-    pub fn seal_final(mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        if plaintext.len() > self.frame_length() {
+    pub fn seal_final(self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        self.seal_final_with(plaintext.len(), out, |o| o.extend_from_slice(plaintext))
+    }
+
+    /// [`Self::seal_final`] with the plaintext (`len` bytes) appended by
+    /// `fill`.
+    ///
+    /// # Errors
+    /// [`Error::Internal`] if `len` is over the frame length or `fill`
+    /// appends another number of bytes.
+    pub fn seal_final_with(
+        mut self,
+        len: usize,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Error> {
+        if len > self.frame_length() {
             return Err(Error::Internal("final frame longer than the frame length"));
         }
         let seq = self.take_seq()?;
-        let len = plaintext.len() as u64;
-        let aad = body_aad(&self.message_id, FINAL_FRAME_STRING, seq, len);
         out.extend_from_slice(&SEQUENCE_NUMBER_END.to_be_bytes());
         out.extend_from_slice(&seq.to_be_bytes());
-        self.seal_into(seq, &aad, plaintext, true, out)
+        self.seal_into(seq, FINAL_FRAME_STRING, len, Some(len as u32), out, fill)
     }
 
-    /// Appends IV, [length for the final frame,] ciphertext and tag.
+    /// Appends IV, [the final frame's length,] ciphertext and tag.
     fn seal_into(
         &self,
         seq: u32,
-        aad: &[u8],
-        plaintext: &[u8],
-        final_frame: bool,
+        kind: &[u8],
+        len: usize,
+        final_len: Option<u32>,
         out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(), Error> {
         let mut iv = [0u8; IV_LEN];
         iv[IV_LEN - 4..].copy_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&iv);
-        if final_frame {
-            out.extend_from_slice(&(plaintext.len() as u32).to_be_bytes());
+        if let Some(n) = final_len {
+            out.extend_from_slice(&n.to_be_bytes());
         }
         let start = out.len();
-        out.extend_from_slice(plaintext);
+        fill(out);
+        if out.len() - start != len {
+            out.truncate(start);
+            return Err(Error::Internal("frame plaintext of the wrong length"));
+        }
+        let aad = body_aad(&self.message_id, kind, seq, len as u64);
         let tag = self
             .key
-            .seal(seq, aad, out.get_mut(start..).unwrap_or_default())?;
+            .seal(seq, &aad, out.get_mut(start..).unwrap_or_default())?;
         out.extend_from_slice(&tag);
         Ok(())
     }
@@ -276,69 +306,43 @@ impl Opener {
         self.finished
     }
 
-    /// Opens the frame at the start of `input`, appending its plaintext to
-    /// `out` only once its tag verified.
+    /// Reads the start of the next frame (or of non-framed content) from
+    /// `bytes`, which needs at most [`MAX_FRAME_HEAD`] bytes. `Ok(None)`:
+    /// more bytes are needed. Checks the sequence number and lengths.
     ///
     /// # Errors
-    /// [`Error::DecryptAuthFailed`] for a frame that is malformed, out of
-    /// sequence, or does not authenticate, and for input after the end.
-    pub fn open_next(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<Step, Error> {
+    /// [`Error::DecryptAuthFailed`] for a frame out of sequence, a bad
+    /// length, or anything after the final frame.
+    pub fn next_head(&self, bytes: &[u8]) -> Result<Option<FrameHead>, Error> {
         if self.finished {
             return Err(Error::auth("bytes after the final frame"));
         }
-        let mut r = Cursor { input, pos: 0 };
-        let opened = match self.content_type {
-            ContentType::NonFramed => self.open_non_framed(&mut r, out)?,
-            ContentType::Framed { frame_length } => self.open_frame(&mut r, frame_length, out)?,
+        let mut r = Cursor {
+            input: bytes,
+            pos: 0,
         };
-        Ok(match opened {
-            None => Step::NeedMore,
-            Some(last) => {
-                self.finished = last;
-                Step::Opened {
-                    consumed: r.pos,
-                    last,
+        let frame_length = match self.content_type {
+            ContentType::NonFramed => {
+                let (Some(iv), Some(len)) = (r.array::<IV_LEN>(), r.array::<8>()) else {
+                    return Ok(None);
+                };
+                let len = u64::from_be_bytes(len);
+                if len > MAX_NON_FRAMED_CONTENT {
+                    return Err(Error::auth("non-framed content length over 2^36 - 32"));
                 }
+                let content_len = usize::try_from(len)
+                    .map_err(|_| Error::auth("non-framed content over the address space"))?;
+                return Ok(Some(FrameHead {
+                    seq: 1,
+                    iv,
+                    head_len: r.pos,
+                    content_len,
+                    last: true,
+                    kind: SINGLE_BLOCK_STRING,
+                }));
             }
-        })
-    }
-
-    fn open_non_framed(
-        &self,
-        r: &mut Cursor<'_>,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<bool>, Error> {
-        let Some(iv) = r.array::<IV_LEN>() else {
-            return Ok(None);
+            ContentType::Framed { frame_length } => frame_length,
         };
-        let Some(len) = r.array::<8>().map(u64::from_be_bytes) else {
-            return Ok(None);
-        };
-        if len > MAX_NON_FRAMED_CONTENT {
-            return Err(Error::auth("non-framed content length over 2^36 - 32"));
-        }
-        let Ok(len) = usize::try_from(len) else {
-            return Err(Error::auth(
-                "non-framed content length over the address space",
-            ));
-        };
-        let Some(ciphertext) = r.take(len) else {
-            return Ok(None);
-        };
-        let Some(tag) = r.array::<TAG_LEN>() else {
-            return Ok(None);
-        };
-        let aad = body_aad(&self.message_id, SINGLE_BLOCK_STRING, 1, len as u64);
-        self.open_into(&iv, &aad, ciphertext, &tag, out)?;
-        Ok(Some(true))
-    }
-
-    fn open_frame(
-        &mut self,
-        r: &mut Cursor<'_>,
-        frame_length: u32,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<bool>, Error> {
         let Some(first) = r.array::<4>().map(u32::from_be_bytes) else {
             return Ok(None);
         };
@@ -357,7 +361,7 @@ impl Opener {
         let Some(iv) = r.array::<IV_LEN>() else {
             return Ok(None);
         };
-        let len = if last {
+        let content_len = if last {
             let Some(len) = r.array::<4>().map(u32::from_be_bytes) else {
                 return Ok(None);
             };
@@ -368,47 +372,116 @@ impl Opener {
         } else {
             frame_length
         };
-        let Some(ciphertext) = r.take(len as usize) else {
-            return Ok(None);
-        };
-        let Some(tag) = r.array::<TAG_LEN>() else {
-            return Ok(None);
-        };
-        let kind = if last {
-            FINAL_FRAME_STRING
-        } else {
-            FRAME_STRING
-        };
-        let aad = body_aad(&self.message_id, kind, seq, u64::from(len));
-        self.open_into(&iv, &aad, ciphertext, &tag, out)?;
-        self.next_seq = seq
-            .checked_add(1)
-            .filter(|s| *s != SEQUENCE_NUMBER_END || last)
-            .ok_or(Error::auth("too many frames"))?;
-        Ok(Some(last))
+        Ok(Some(FrameHead {
+            seq,
+            iv,
+            head_len: r.pos,
+            content_len: content_len as usize,
+            last,
+            kind: if last {
+                FINAL_FRAME_STRING
+            } else {
+                FRAME_STRING
+            },
+        }))
     }
 
-    fn open_into(
-        &self,
-        iv: &[u8; IV_LEN],
-        aad: &[u8],
-        ciphertext: &[u8],
+    /// Opens the frame `head` whose ciphertext the caller appended to `out`
+    /// at `start`. On success the plaintext replaces it; on failure it is
+    /// wiped and removed.
+    ///
+    /// # Errors
+    /// [`Error::DecryptAuthFailed`] when the tag does not verify.
+    pub fn open_frame(
+        &mut self,
+        head: &FrameHead,
         tag: &[u8; TAG_LEN],
         out: &mut Vec<u8>,
+        start: usize,
     ) -> Result<(), Error> {
-        let start = out.len();
-        out.extend_from_slice(ciphertext);
-        let opened = self
-            .key
-            .open(iv, aad, tag, out.get_mut(start..).unwrap_or_default());
-        if opened.is_err() {
+        let aad = body_aad(
+            &self.message_id,
+            head.kind,
+            head.seq,
+            head.content_len as u64,
+        );
+        let opened = match out.get_mut(start..) {
+            Some(ciphertext) if ciphertext.len() == head.content_len => {
+                self.key.open(&head.iv, &aad, tag, ciphertext)
+            }
+            _ => Err(Error::Internal("frame ciphertext of the wrong length")),
+        };
+        if let Err(e) = opened {
             // ring leaves the buffer unspecified on failure: drop it.
             if let Some(tail) = out.get_mut(start..) {
                 zeroize::Zeroize::zeroize(tail);
             }
             out.truncate(start);
+            return Err(e);
         }
-        opened
+        if head.last {
+            self.finished = true;
+        } else {
+            self.next_seq = head
+                .seq
+                .checked_add(1)
+                .filter(|s| *s != SEQUENCE_NUMBER_END)
+                .ok_or(Error::auth("too many frames"))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the frame at the start of `input`, appending its plaintext to
+    /// `out` only once its tag verified.
+    ///
+    /// # Errors
+    /// [`Error::DecryptAuthFailed`] for a frame that is malformed, out of
+    /// sequence, or does not authenticate, and for input after the end.
+    pub fn open_next(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<Step, Error> {
+        let Some(head) = self.next_head(input)? else {
+            return Ok(Step::NeedMore);
+        };
+        let end = head.head_len + head.content_len;
+        let (Some(ciphertext), Some(tag)) = (
+            input.get(head.head_len..end),
+            input
+                .get(end..end + TAG_LEN)
+                .and_then(|t| <[u8; TAG_LEN]>::try_from(t).ok()),
+        ) else {
+            return Ok(Step::NeedMore);
+        };
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        self.open_frame(&head, &tag, out, start)?;
+        Ok(Step::Opened {
+            consumed: end + TAG_LEN,
+            last: head.last,
+        })
+    }
+}
+
+/// Longest frame start: end marker, sequence number, IV, content length.
+pub const MAX_FRAME_HEAD: usize = 4 + 4 + IV_LEN + 4;
+
+/// The start of a frame (or of non-framed content), read by
+/// [`Opener::next_head`].
+#[derive(Debug, Clone, Copy)]
+pub struct FrameHead {
+    seq: u32,
+    iv: [u8; IV_LEN],
+    /// Bytes before the ciphertext.
+    pub head_len: usize,
+    /// Ciphertext bytes (equal to the plaintext bytes).
+    pub content_len: usize,
+    /// Whether this is the last frame of the message.
+    pub last: bool,
+    kind: &'static [u8],
+}
+
+impl FrameHead {
+    /// Bytes of the whole frame: start, ciphertext and tag.
+    pub fn total_len(&self) -> usize {
+        self.head_len + self.content_len + TAG_LEN
     }
 }
 

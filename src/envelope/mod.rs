@@ -12,12 +12,12 @@ mod header;
 mod suite;
 
 pub use body::{
-    FINAL_FRAME_OVERHEAD, Opener, REGULAR_FRAME_OVERHEAD, Sealer, Step, framed_message_len, open,
-    seal,
+    FINAL_FRAME_OVERHEAD, FrameHead, MAX_FRAME_HEAD, Opener, REGULAR_FRAME_OVERHEAD, Sealer, Step,
+    framed_message_len, open, seal,
 };
 pub use context::{EncryptionContext, RESERVED_PREFIX};
 pub use header::{ContentType, EncryptedDataKey, Header, ParsedHeader, parse as parse_header};
-pub use suite::SUITE_ID;
+pub use suite::{SUITE_ID, TAG_LEN};
 
 /// Bounds on untrusted envelopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
