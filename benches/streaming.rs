@@ -246,11 +246,12 @@ fn python_compare(sock: &Path, key_file: &Path) -> Option<Vec<f64>> {
         .output()
         .expect("run compare_python.py");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut nums = text
+    let nums: Vec<f64> = text
         .split_whitespace()
-        .filter_map(|w| w.parse::<f64>().ok());
-    match (nums.next(), nums.next()) {
-        (Some(a), Some(b)) => Some((a, b)),
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect();
+    match nums.len() {
+        4 => Some(nums),
         _ => {
             eprintln!(
                 "compare_python.py failed: {}",
