@@ -3,6 +3,7 @@
     clippy::print_stdout,
     clippy::print_stderr,
     clippy::panic,
+    clippy::indexing_slicing,
     reason = "a benchmark binary: it prints, and aborts on setup failure"
 )]
 
@@ -153,7 +154,11 @@ async fn wrap_run(channel: Channel, total: usize, keep: bool) -> (f64, Vec<u8>) 
         .await
         .expect("wrap")
         .into_inner();
-    let mut envelope = Vec::new();
+    let mut envelope = Vec::with_capacity(if keep {
+        total + total / 1000 + 65536
+    } else {
+        0
+    });
     let mut got = 0;
     while let Some(msg) = responses.next().await {
         let chunk = msg.expect("wrap chunk").chunk;
@@ -330,8 +335,10 @@ fn main() {
     let echo_tcp_mbps = runtime.block_on(echo_run(connect(&echo_tcp), total));
 
     let rss_before = status_kib(pid, "VmRSS:");
-    let (wrap_uds, envelope) = runtime.block_on(wrap_run(connect(&uds), total, true));
+    let (wrap_uds, _) = runtime.block_on(wrap_run(connect(&uds), total, false));
     let (wrap_tcp, _) = runtime.block_on(wrap_run(connect(&tcp), total, false));
+    // The envelope to unwrap, made by an untimed run.
+    let (_, envelope) = runtime.block_on(wrap_run(connect(&uds), total, true));
     let unwrap_uds = runtime.block_on(unwrap_run(connect(&uds), &envelope, total));
     let unwrap_tcp = runtime.block_on(unwrap_run(connect(&tcp), &envelope, total));
     let rss_peak = status_kib(pid, "VmHWM:");
