@@ -108,12 +108,15 @@ async fn echo_server(sock: &Path) {
         .expect("bind echo tcp");
     println!("{}", tcp.local_addr().expect("addr").port());
     let svc = || echo::echo_server::EchoServer::new(EchoServer);
-    let a = tonic::transport::Server::builder()
+    // The same HTTP/2 settings as the sidecar's server.
+    let a = kms_sidecar::server::http2_settings(tonic::transport::Server::builder())
         .add_service(svc())
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds));
-    let b = tonic::transport::Server::builder()
+    let b = kms_sidecar::server::http2_settings(tonic::transport::Server::builder())
         .add_service(svc())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp));
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)),
+        );
     let _ = tokio::join!(a, b);
 }
 
@@ -331,16 +334,36 @@ fn main() {
         runtime.block_on(async move { kms_sidecar::client::connect(&t).await.expect("connect") })
     };
 
-    let echo_uds_mbps = runtime.block_on(echo_run(connect(&echo_uds), total));
-    let echo_tcp_mbps = runtime.block_on(echo_run(connect(&echo_tcp), total));
-
-    let rss_before = status_kib(pid, "VmRSS:");
-    let (wrap_uds, _) = runtime.block_on(wrap_run(connect(&uds), total, false));
-    let (wrap_tcp, _) = runtime.block_on(wrap_run(connect(&tcp), total, false));
     // The envelope to unwrap, made by an untimed run.
+    let rss_before = status_kib(pid, "VmRSS:");
     let (_, envelope) = runtime.block_on(wrap_run(connect(&uds), total, true));
-    let unwrap_uds = runtime.block_on(unwrap_run(connect(&uds), &envelope, total));
-    let unwrap_tcp = runtime.block_on(unwrap_run(connect(&tcp), &envelope, total));
+    // Interleaved rounds, best of each: the machine's noise hits all alike.
+    let rounds: usize = std::env::var("KMS_SIDECAR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut best = [0f64; 6];
+    for _ in 0..rounds {
+        let round = [
+            runtime.block_on(echo_run(connect(&echo_uds), total)),
+            runtime.block_on(wrap_run(connect(&uds), total, false)).0,
+            runtime.block_on(unwrap_run(connect(&uds), &envelope, total)),
+            runtime.block_on(echo_run(connect(&echo_tcp), total)),
+            runtime.block_on(wrap_run(connect(&tcp), total, false)).0,
+            runtime.block_on(unwrap_run(connect(&tcp), &envelope, total)),
+        ];
+        for (b, r) in best.iter_mut().zip(round) {
+            *b = b.max(r);
+        }
+    }
+    let [
+        echo_uds_mbps,
+        wrap_uds,
+        unwrap_uds,
+        echo_tcp_mbps,
+        wrap_tcp,
+        unwrap_tcp,
+    ] = best;
     let rss_peak = status_kib(pid, "VmHWM:");
     drop(envelope);
 

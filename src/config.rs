@@ -159,6 +159,13 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
+    /// Bytes of unary requests (and their replies) in progress at once;
+    /// calls beyond it are refused at once with RESOURCE_EXHAUSTED
+    /// (SIDECAR_BUSY) instead of queueing. Bounds memory: peak RSS stays
+    /// near base + 3 x this.
+    #[arg(long, env = "KMS_SIDECAR_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_inflight_bytes: usize,
+
     /// Most encrypted data keys an envelope may hold for Unwrap to try it.
     #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTED_DATA_KEYS", default_value_t = 4)]
     pub max_encrypted_data_keys: usize,
@@ -268,6 +275,8 @@ pub struct ServiceConfig {
     pub max_message_bytes: usize,
     /// Streaming call limits.
     pub streams: StreamConfig,
+    /// Unary request bytes in progress at once.
+    pub max_inflight_bytes: usize,
 }
 
 impl ServiceConfig {
@@ -284,6 +293,7 @@ impl Default for ServiceConfig {
             frame_length: 65536,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             streams: StreamConfig::default(),
+            max_inflight_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -421,6 +431,12 @@ impl TryFrom<Args> for Config {
                 return Err(format!("{name} must be positive"));
             }
         }
+        if a.max_inflight_bytes < a.max_message_bytes {
+            return Err(format!(
+                "--max-inflight-bytes {} must be at least --max-message-bytes {}",
+                a.max_inflight_bytes, a.max_message_bytes
+            ));
+        }
         if a.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be at least 1".into());
         }
@@ -434,6 +450,7 @@ impl TryFrom<Args> for Config {
                 },
                 frame_length: a.frame_length,
                 max_message_bytes: a.max_message_bytes,
+                max_inflight_bytes: a.max_inflight_bytes,
                 streams: StreamConfig {
                     max_concurrent: a.max_concurrent_streams,
                     first_message_timeout: a.stream_first_message_timeout,

@@ -150,6 +150,20 @@ pub enum Error {
         limit: usize,
     },
 
+    /// Unary calls in progress already hold the in-flight byte budget.
+    #[error(
+        "the sidecar is busy: {in_flight} bytes of unary requests are in progress and this one \
+         needs {needed} more, over the budget of {budget} bytes (--max-inflight-bytes); retry shortly"
+    )]
+    Busy {
+        /// Bytes held by calls in progress.
+        in_flight: u64,
+        /// Bytes this call needs.
+        needed: u64,
+        /// The configured budget.
+        budget: u64,
+    },
+
     /// A bug or an environment failure (random generator, I/O) in the sidecar.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -188,7 +202,9 @@ impl Error {
             Self::KmsAccessDenied { .. }
             | Self::KmsKeyDisabled { .. }
             | Self::KmsKeyNotFound { .. } => ErrorClass::KeyUnusable,
-            Self::KmsThrottled { .. } | Self::TooManyStreams { .. } => ErrorClass::Throttled,
+            Self::KmsThrottled { .. } | Self::TooManyStreams { .. } | Self::Busy { .. } => {
+                ErrorClass::Throttled
+            }
             Self::KmsUnavailable { .. } | Self::CredentialsUnavailable(_) => {
                 ErrorClass::BackendUnavailable
             }

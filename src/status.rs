@@ -126,6 +126,11 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
             retry = Some(std::time::Duration::from_secs(1));
             (Code::ResourceExhausted, "TOO_MANY_STREAMS", err.to_string())
         }
+        Error::Busy { budget, .. } => {
+            meta.insert("budget".into(), budget.to_string());
+            retry = Some(std::time::Duration::from_millis(200));
+            (Code::ResourceExhausted, "SIDECAR_BUSY", err.to_string())
+        }
         Error::Internal(_) => (Code::Internal, "INTERNAL", err.to_string()),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);

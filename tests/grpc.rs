@@ -509,3 +509,55 @@ async fn local_key_file_survives_restarts() {
     assert_eq!(opened.plaintext, b"kept across restarts");
     second.stop().await;
 }
+
+/// Field case B12 (unary): concurrent large calls beyond the in-flight
+/// byte budget are refused at once with RESOURCE_EXHAUSTED, never queued;
+/// the others complete well within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b12_inflight_budget_refuses_fast() {
+    let config = ServiceConfig {
+        max_inflight_bytes: 8 * MIB,
+        ..ServiceConfig::default()
+    };
+    let sidecar = Sidecar::start_with(local_keyring(1), config, &[]).await;
+    let client = sidecar.client().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let mut c = client.clone();
+        calls.spawn(async move {
+            let started = std::time::Instant::now();
+            let mut req = tonic::Request::new(WrapRequest {
+                plaintext: vec![3u8; 2 * MIB],
+                ..Default::default()
+            });
+            req.set_timeout(std::time::Duration::from_secs(10));
+            (c.wrap(req).await.map(|_| ()), started.elapsed())
+        });
+    }
+    let (mut ok, mut busy) = (0, 0);
+    while let Some(done) = calls.join_next().await {
+        let (result, elapsed) = done.unwrap();
+        assert!(elapsed < std::time::Duration::from_secs(2), "{elapsed:?}");
+        match result {
+            Ok(()) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), "SIDECAR_BUSY");
+                assert!(status.message().contains("--max-inflight-bytes"));
+                busy += 1;
+            }
+        }
+    }
+    assert!(ok >= 1, "some calls are served");
+    assert_eq!(ok + busy, 16);
+    // Budget released: a call now succeeds.
+    client
+        .clone()
+        .wrap(WrapRequest {
+            plaintext: vec![1u8; 2 * MIB],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    sidecar.stop().await;
+}

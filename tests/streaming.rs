@@ -458,7 +458,9 @@ async fn one_gib_streamed_roundtrip() {
     const TOTAL: usize = 1 << 30;
     const CHUNK: usize = MIB;
     let sidecar = Sidecar::start(local_keyring(1)).await;
+    // One connection per direction, as two processes in a pipe would have.
     let client = sidecar.client().await;
+    let unwrap_connection = sidecar.client().await;
 
     let (plain_tx, plain_rx) = tokio::sync::mpsc::channel::<WrapStreamRequest>(4);
     let producer = tokio::spawn(async move {
@@ -516,7 +518,7 @@ async fn one_gib_streamed_roundtrip() {
         envelope_bytes
     });
 
-    let mut unwrap_client = client.clone();
+    let mut unwrap_client = unwrap_connection;
     let mut responses = unwrap_client
         .unwrap_stream(tokio_stream::wrappers::ReceiverStream::new(env_rx))
         .await
