@@ -372,7 +372,7 @@ fn main() {
     let gib = total as f64 / MIB / 1024.0;
     println!();
     println!(
-        "kms-sidecar streaming benchmark ({gib:.2} GiB per run, 64 KiB chunks, 64 KiB frames)"
+        "kms-sidecar streaming benchmark ({gib:.2} GiB per run, 64 KiB chunks, 64 KiB frames, best of {rounds} interleaved rounds)"
     );
     println!("{:<44} {:>10} {:>8} {:>8}", "path", "MB/s", "c/b", "c/a");
     println!(

@@ -314,7 +314,11 @@ impl Streams {
             // Seal every frame known not to be the last one, copying its
             // plaintext once, from the request chunks into the output.
             while pending.len() > frame {
-                if sealed.capacity() == 0 {
+                // Output messages are sized once: flush rather than grow.
+                if sealed.len() + sealed_frame > sealed.capacity() {
+                    if !sealed.is_empty() {
+                        out.send(wrap_chunk(std::mem::take(&mut sealed))).await?;
+                    }
                     let frames = ((pending.len() - 1) / frame).min(OUT_MESSAGE_BYTES / frame + 1);
                     sealed.reserve_exact(frames * sealed_frame);
                 }
@@ -431,8 +435,13 @@ impl Streams {
             };
             if let Some(head) = head {
                 pending.skip(head.head_len);
-                if plain.capacity() == 0 {
-                    plain.reserve_exact(head.content_len.max(OUT_MESSAGE_BYTES.min(pending.len())));
+                // Output messages are sized once: flush rather than grow.
+                if plain.len() + head.content_len > plain.capacity() {
+                    if !plain.is_empty() {
+                        send_plaintext(out, &mut plain).await?;
+                    }
+                    let expected = pending.len().min(OUT_MESSAGE_BYTES + head.content_len);
+                    plain.reserve_exact(expected.max(head.content_len));
                 }
                 let start = plain.len();
                 pending.move_to(head.content_len, &mut plain);
