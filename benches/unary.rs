@@ -98,7 +98,7 @@ async fn main() {
         ListenAddr::Unix(sock.clone()),
         ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
     ];
-    let listeners = kms_sidecar::server::bind(&addrs, 0o600)
+    let listeners = kms_sidecar::server::bind(&addrs, 0o600, None)
         .await
         .expect("bind");
     let targets: Vec<(String, String)> = listeners
@@ -118,7 +118,10 @@ async fn main() {
         listeners,
         Arc::new(keyring),
         ServiceConfig::default(),
-        Duration::from_secs(5),
+        kms_sidecar::config::ShutdownConfig {
+            drain_window: Duration::ZERO,
+            ..Default::default()
+        },
         async move {
             let _ = stopped.await;
         },

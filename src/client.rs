@@ -240,3 +240,36 @@ where
         }
     }
 }
+
+/// Asks `target` for the grpc.health.v1 status of `service` ("" = the
+/// process) within `timeout`.
+///
+/// # Errors
+/// Connection failure, the call's status, or the timeout.
+pub async fn health(
+    target: &str,
+    service: &str,
+    timeout: std::time::Duration,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, ClientError> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let call = async {
+        let channel = connect(target)
+            .await
+            .map_err(|source| ClientError::Connect {
+                target: target.to_owned(),
+                source,
+            })?;
+        let resp = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(ClientError::Rpc)?;
+        Ok(resp.into_inner().status())
+    };
+    tokio::time::timeout(timeout, call).await.map_err(|_| {
+        ClientError::Rpc(tonic::Status::deadline_exceeded(format!(
+            "no answer within {timeout:?}"
+        )))
+    })?
+}

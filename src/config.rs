@@ -60,6 +60,38 @@ pub enum Command {
     /// Stream a file or stdin through a running sidecar.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Ask a running sidecar for its grpc.health.v1 status: exit 0 when
+    /// SERVING, 1 otherwise (for exec probes and HEALTHCHECK).
+    Health(HealthArgs),
+}
+
+/// `health` options.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// Sidecar address: HOST:PORT or unix:///path.sock. Default: the first
+    /// address in KMS_SIDECAR_LISTEN, else 127.0.0.1:50051.
+    #[arg(long, env = "KMS_SIDECAR_ADDR")]
+    pub addr: Option<String>,
+    /// Service to check: "" (the process; for liveness) or
+    /// kms_sidecar.v1.KeyService (for readiness).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl HealthArgs {
+    /// The address to probe.
+    pub fn target(&self) -> String {
+        self.addr.clone().unwrap_or_else(|| {
+            std::env::var("KMS_SIDECAR_LISTEN")
+                .ok()
+                .and_then(|l| l.split(',').next().map(|a| a.trim().to_owned()))
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_owned())
+        })
+    }
 }
 
 /// Client subcommands.
@@ -182,6 +214,10 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub kms_timeout: Duration,
 
+    /// Group (numeric gid) that owns Unix sockets; default: the process's.
+    #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_GROUP")]
+    pub unix_socket_group: Option<u32>,
+
     /// Permission bits of Unix sockets, in octal.
     #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_MODE", default_value = "660", value_parser = parse_mode)]
     pub unix_socket_mode: u32,
@@ -205,7 +241,17 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_STREAM_STALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub stream_stall_timeout: Duration,
 
-    /// How long to wait for in-flight calls after a shutdown signal.
+    /// After SIGTERM/SIGINT: how long to keep serving (readiness already
+    /// NOT_SERVING) so that the application can finish its own shutdown.
+    #[arg(long, env = "KMS_SIDECAR_DRAIN_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub drain_window: Duration,
+
+    /// The drain ends early once no KeyService call has been in progress
+    /// for this long (the application is gone).
+    #[arg(long, env = "KMS_SIDECAR_DRAIN_QUIET_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub drain_quiet_period: Duration,
+
+    /// How long to wait for in-flight calls after the drain, before exiting.
     #[arg(long, env = "KMS_SIDECAR_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 }
@@ -260,8 +306,32 @@ pub struct Config {
     pub kms_timeout: Duration,
     /// Unix socket permission bits.
     pub unix_socket_mode: u32,
-    /// Bound on waiting for in-flight calls at shutdown.
-    pub shutdown_timeout: Duration,
+    /// Unix socket group.
+    pub unix_socket_group: Option<u32>,
+    /// Shutdown phases.
+    pub shutdown: ShutdownConfig,
+}
+
+/// What happens after SIGTERM: serve on through the drain (readiness
+/// NOT_SERVING), stop accepting, wait for in-flight calls, exit.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownConfig {
+    /// Longest drain.
+    pub drain_window: Duration,
+    /// Quiet time that ends the drain early.
+    pub drain_quiet_period: Duration,
+    /// Bound on waiting for in-flight calls after the drain.
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_window: Duration::from_secs(30),
+            drain_quiet_period: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// What the gRPC service needs to know.
@@ -460,7 +530,12 @@ impl TryFrom<Args> for Config {
             },
             kms_timeout: a.kms_timeout,
             unix_socket_mode: a.unix_socket_mode,
-            shutdown_timeout: a.shutdown_timeout,
+            unix_socket_group: a.unix_socket_group,
+            shutdown: ShutdownConfig {
+                drain_window: a.drain_window,
+                drain_quiet_period: a.drain_quiet_period,
+                timeout: a.shutdown_timeout,
+            },
         })
     }
 }

@@ -131,7 +131,12 @@ async fn kms_client(
 /// address in use, ...).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
     let keyring = Arc::new(build_keyring(&config).await?);
-    let listeners = server::bind(&config.listen, config.unix_socket_mode).await?;
+    let listeners = server::bind(
+        &config.listen,
+        config.unix_socket_mode,
+        config.unix_socket_group,
+    )
+    .await?;
     for l in &listeners {
         tracing::info!(address = %l.local_addr(), "serving kms_sidecar.v1.KeyService");
     }
@@ -145,7 +150,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         listeners,
         keyring,
         config.service,
-        config.shutdown_timeout,
+        config.shutdown,
         shutdown,
     )
     .await

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kms_sidecar::client::{self, ClientError};
-use kms_sidecar::config::{Args, Cli, ClientCommand, ClientIo, Command, Config};
+use kms_sidecar::config::{Args, Cli, ClientCommand, ClientIo, Command, Config, HealthArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,6 +31,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(&runtime, cli.serve),
         Some(Command::Serve(args)) => serve(&runtime, args),
+        Some(Command::Health(args)) => health(&runtime, &args),
         Some(Command::Client(cmd)) => match runtime.block_on(run_client(cmd)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -53,6 +54,26 @@ fn serve(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kms-sidecar: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn health(runtime: &tokio::runtime::Runtime, args: &HealthArgs) -> ExitCode {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let target = args.target();
+    match runtime.block_on(client::health(&target, &args.service, args.timeout)) {
+        Ok(ServingStatus::Serving) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!(
+                "kms-sidecar: {target} service {:?} is {}",
+                args.service,
+                status.as_str_name()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("kms-sidecar: health check of {target} failed: {e}");
             ExitCode::FAILURE
         }
     }

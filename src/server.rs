@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use crate::api::KeyServiceImpl;
-use crate::config::{ListenAddr, ServiceConfig};
+use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::key_service_server::KeyServiceServer;
@@ -50,7 +51,11 @@ impl Listener {
 ///
 /// # Errors
 /// A one-line message naming the address.
-pub async fn bind(addrs: &[ListenAddr], unix_mode: u32) -> Result<Vec<Listener>, String> {
+pub async fn bind(
+    addrs: &[ListenAddr],
+    unix_mode: u32,
+    unix_group: Option<u32>,
+) -> Result<Vec<Listener>, String> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
         out.push(match addr {
@@ -59,13 +64,15 @@ pub async fn bind(addrs: &[ListenAddr], unix_mode: u32) -> Result<Vec<Listener>,
                     .await
                     .map_err(|e| format!("cannot listen on {a}: {e}"))?,
             ),
-            ListenAddr::Unix(p) => Listener::Unix(bind_unix(p, unix_mode).await?, p.clone()),
+            ListenAddr::Unix(p) => {
+                Listener::Unix(bind_unix(p, unix_mode, unix_group).await?, p.clone())
+            }
         });
     }
     Ok(out)
 }
 
-async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, String> {
+async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(format!(
@@ -84,14 +91,22 @@ async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, String> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| format!("cannot listen on unix://{}: {e}", path.display()))?;
+    if group.is_some() {
+        std::os::unix::fs::chown(path, None, group)
+            .map_err(|e| format!("cannot set the group of {}: {e}", path.display()))?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set mode of {}: {e}", path.display()))?;
     Ok(listener)
 }
 
-/// Serves on every listener until `shutdown` resolves, then stops taking
-/// calls, waits up to `shutdown_timeout` for in-flight ones, and removes
-/// Unix socket files.
+/// Serves on every listener until `shutdown` resolves, then shuts down in
+/// phases: readiness (the KeyService health status) turns NOT_SERVING at
+/// once; calls are still served, on existing and new connections, through
+/// the drain (until `drain_window` ends, or earlier once no KeyService call
+/// has been in progress for `drain_quiet_period`); then no new calls are
+/// taken, in-flight ones get up to `timeout`, idle connections are closed,
+/// and Unix socket files are removed.
 ///
 /// # Errors
 /// A reflection setup or transport failure.
@@ -99,7 +114,7 @@ pub async fn serve(
     listeners: Vec<Listener>,
     keyring: Arc<Keyring>,
     config: ServiceConfig,
-    shutdown_timeout: Duration,
+    phases: ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -107,12 +122,18 @@ pub async fn serve(
         .set_serving::<KeyServiceServer<KeyServiceImpl>>()
         .await;
     let service = KeyServiceImpl::new(keyring, config);
+    let activity = Arc::new(Activity::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
+        let tracked = Arc::clone(&activity);
         let router = http2_settings(Server::builder())
             .layer(tower::layer::layer_fn(PayloadLimitStatus::new))
+            .layer(tower::layer::layer_fn(move |inner| TrackActivity {
+                inner,
+                activity: Arc::clone(&tracked),
+            }))
             .add_service(health_service.clone())
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
@@ -143,12 +164,36 @@ pub async fn serve(
         }
     }
     shutdown.await;
-    tracing::info!("shutting down: no new calls; waiting for in-flight calls");
     health
         .set_not_serving::<KeyServiceServer<KeyServiceImpl>>()
         .await;
+    tracing::info!(
+        drain_window = ?phases.drain_window,
+        quiet_period = ?phases.drain_quiet_period,
+        "shutdown signal: readiness NOT_SERVING; still serving while the application drains"
+    );
+    let drain_end = tokio::time::Instant::now() + phases.drain_window;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= drain_end {
+            tracing::info!("drain window over");
+            break;
+        }
+        if activity
+            .quiet_for()
+            .is_some_and(|q| q >= phases.drain_quiet_period)
+        {
+            tracing::info!("no calls for the quiet period: the application is gone");
+            break;
+        }
+        tokio::time::sleep((drain_end - now).min(Duration::from_millis(100))).await;
+    }
+    tracing::info!(
+        in_flight = activity.in_flight(),
+        "no new calls; waiting for in-flight calls"
+    );
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(shutdown_timeout, async {
+    let finished = tokio::time::timeout(phases.timeout, async {
         while let Some(res) = tasks.join_next().await {
             if let Ok(Err(e)) = res {
                 tracing::warn!(error = %e, "listener ended with an error");
@@ -156,17 +201,144 @@ pub async fn serve(
         }
     })
     .await;
-    if drained.is_err() {
+    if finished.is_err() {
+        // Idle connections (or calls that outlive the bound) never hold the
+        // process past it.
         tracing::warn!(
-            ?shutdown_timeout,
-            "in-flight calls did not finish in time; exiting"
+            timeout = ?phases.timeout,
+            in_flight = activity.in_flight(),
+            "shutdown bound reached; closing remaining connections"
         );
         tasks.abort_all();
     }
     for path in socket_paths {
         let _ = std::fs::remove_file(&path);
     }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// KeyService calls in progress and when the last one ended (health and
+/// reflection calls are not counted: probes must not keep a drain alive).
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    last_end: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_end: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(Arc::clone(self))
+    }
+
+    /// Calls in progress.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// How long no call has been in progress; `None` while one is.
+    pub fn quiet_for(&self) -> Option<Duration> {
+        if self.in_flight() > 0 {
+            return None;
+        }
+        let last = *self
+            .last_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(last.elapsed())
+    }
+}
+
+/// Marks one call in progress until dropped (with its response body).
+#[derive(Debug)]
+struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        *self
+            .0
+            .last_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts KeyService calls from request to the end of the response body
+/// (so a stream counts until it ends).
+#[derive(Debug, Clone)]
+struct TrackActivity<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B, ResB> tower::Service<http::Request<B>> for TrackActivity<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = http::Response<TrackedBody<ResB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let guard = req
+            .uri()
+            .path()
+            .starts_with(concat!("/", "kms_sidecar.v1.KeyService", "/"))
+            .then(|| self.activity.begin());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| TrackedBody {
+                inner,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its call counted until it is dropped.
+#[derive(Debug)]
+pub struct TrackedBody<B> {
+    inner: B,
+    _guard: Option<ActivityGuard>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// HTTP/2 flow-control windows: 1 MiB per stream, and a connection window

@@ -422,7 +422,7 @@ async fn live_unix_socket_is_not_stolen_and_stale_one_is_replaced() {
         &[ListenAddr::Unix(path.clone())],
     )
     .await;
-    let err = kms_sidecar::server::bind(&[ListenAddr::Unix(path.clone())], 0o600)
+    let err = kms_sidecar::server::bind(&[ListenAddr::Unix(path.clone())], 0o600, None)
         .await
         .unwrap_err();
     assert!(err.contains("another process is serving"), "{err}");
@@ -432,7 +432,7 @@ async fn live_unix_socket_is_not_stolen_and_stale_one_is_replaced() {
     let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
     drop(stale);
     assert!(path.exists());
-    let listeners = kms_sidecar::server::bind(&[ListenAddr::Unix(path.clone())], 0o600)
+    let listeners = kms_sidecar::server::bind(&[ListenAddr::Unix(path.clone())], 0o600, None)
         .await
         .unwrap();
     assert_eq!(listeners.len(), 1);
@@ -445,7 +445,7 @@ async fn live_unix_socket_is_not_stolen_and_stale_one_is_replaced() {
     // A regular file is never removed.
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, b"data").unwrap();
-    let err = kms_sidecar::server::bind(&[ListenAddr::Unix(file.clone())], 0o600)
+    let err = kms_sidecar::server::bind(&[ListenAddr::Unix(file.clone())], 0o600, None)
         .await
         .unwrap_err();
     assert!(err.contains("not a socket"));

@@ -131,14 +131,19 @@ impl Sidecar {
     pub async fn start_with(keyring: Keyring, config: ServiceConfig, extra: &[ListenAddr]) -> Self {
         let mut addrs = vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())];
         addrs.extend_from_slice(extra);
-        let listeners = kms_sidecar::server::bind(&addrs, 0o600).await.unwrap();
+        let listeners = kms_sidecar::server::bind(&addrs, 0o600, None)
+            .await
+            .unwrap();
         let addrs = listeners.iter().map(|l| l.local_addr()).collect();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(kms_sidecar::server::serve(
             listeners,
             Arc::new(keyring),
             config,
-            std::time::Duration::from_secs(5),
+            kms_sidecar::config::ShutdownConfig {
+                drain_window: std::time::Duration::ZERO,
+                ..Default::default()
+            },
             async move {
                 let _ = rx.await;
             },
