@@ -3,7 +3,9 @@
 #   - a Python venv in .venv/ with the pinned packages of tests/requirements.txt
 #     (moto's KMS server, the official AWS Encryption SDK, grpcio, grpcurl);
 #   - cargo fmt, clippy, doc; the Rust unit, property and integration tests;
-#   - the cross-language tests in tests/python/ against the built binary.
+#   - the cross-language tests in tests/python/ against the built binary;
+#   - deploy/ checks: kustomize render, strict schema validation for the
+#     oldest and newest supported Kubernetes, hadolint, checkov (.venv-lint/).
 # Usage: tests/run.sh            (from anywhere; exits non-zero on any failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,17 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 export KMS_SIDECAR_TEST_PYTHON=$venv/bin/python
+
+step "Lint tools for deploy/ (.venv-lint, pinned: checkov needs its own packaging)"
+lint=$root/.venv-lint
+lint_stamp=$lint/.requirements.sha256
+lint_want=$(sha256sum tests/requirements-lint.txt | cut -d' ' -f1)
+if [ ! -x "$lint/bin/python" ] || [ "$(cat "$lint_stamp" 2>/dev/null)" != "$lint_want" ]; then
+    python3 -m venv "$lint"
+    "$lint/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/requirements-lint.txt
+    echo "$lint_want" > "$lint_stamp"
+fi
+export KMS_SIDECAR_LINT_VENV=$lint
 
 step "Format, lints, docs"
 cargo fmt --check
