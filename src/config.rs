@@ -63,6 +63,13 @@ pub enum Command {
     /// Ask a running sidecar for its grpc.health.v1 status: exit 0 when
     /// SERVING, 1 otherwise (for exec probes and HEALTHCHECK).
     Health(HealthArgs),
+    /// Permission preflight: with the server's configuration, find the AWS
+    /// credentials, try each KMS action the sidecar needs on each key, print
+    /// a table and a minimal IAM policy. Exit 0 when the sidecar can serve.
+    Check(Args),
+    /// Print the effective configuration (flags, environment, file and
+    /// defaults merged; nothing secret) as a configuration file.
+    Config(Args),
 }
 
 /// `health` options.
@@ -136,6 +143,97 @@ pub struct ClientWrapArgs {
     pub frame_length: u32,
 }
 
+/// Subcommands that take the server's configuration (and so the file).
+const CONFIGURED_COMMANDS: [&str; 3] = ["serve", "check", "config"];
+
+/// Returns `argv` with the settings of the configuration file (from
+/// `--config` or `KMS_SIDECAR_CONFIG`) inserted for every option that
+/// neither the command line nor the environment sets, so that clap applies
+/// the documented precedence: command line, environment, file, defaults.
+///
+/// # Errors
+/// A one-line message for an unreadable or invalid file, or an unknown key.
+pub fn argv_with_config_file(
+    argv: Vec<std::ffi::OsString>,
+) -> Result<Vec<std::ffi::OsString>, String> {
+    use std::ffi::OsString;
+    let text: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let sub = text.get(1).map(String::as_str);
+    let insert_at = match sub {
+        Some(s) if CONFIGURED_COMMANDS.contains(&s) => 2,
+        Some(s) if !s.starts_with('-') => return Ok(argv), // client, health, help
+        _ => 1,
+    };
+    let from_args = text.iter().enumerate().find_map(|(i, a)| {
+        if a == "--config" {
+            text.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_owned)
+        }
+    });
+    let Some(path) = from_args.or_else(|| {
+        std::env::var("KMS_SIDECAR_CONFIG")
+            .ok()
+            .filter(|p| !p.is_empty())
+    }) else {
+        return Ok(argv);
+    };
+    let content = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read configuration file {path}: {e}"))?;
+    let table: toml::Table = content.parse().map_err(|e: toml::de::Error| {
+        format!("invalid configuration file {path}: {}", e.message())
+    })?;
+    let command = <Args as clap::Args>::augment_args(clap::Command::new("kms-sidecar"));
+    let mut injected: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let Some(arg) = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+        else {
+            return Err(format!(
+                "unknown setting {key:?} in {path}; see kms-sidecar --help"
+            ));
+        };
+        let on_command_line = text
+            .iter()
+            .any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let in_environment = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| !v.is_empty());
+        if on_command_line || in_environment {
+            continue;
+        }
+        let values: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(scalar).collect::<Result<_, _>>(),
+            other => scalar(other).map(|v| vec![v]),
+        }
+        .map_err(|what| format!("setting {key:?} in {path}: {what}"))?;
+        for v in values {
+            injected.push(format!("--{long}").into());
+            injected.push(v.into());
+        }
+    }
+    let mut out = argv;
+    let tail = out.split_off(insert_at.min(out.len()));
+    out.extend(injected);
+    out.extend(tail);
+    Ok(out)
+}
+
+fn scalar(value: &toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        _ => Err("use a string, a number or a list of them".into()),
+    }
+}
+
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -145,6 +243,12 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 /// Options of the sidecar server.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Optional TOML configuration file: option names as keys
+    /// (`key-id = ["arn:..."]`, `kms-timeout = "5s"`). Precedence: command
+    /// line, then environment, then this file, then defaults.
+    #[arg(long = "config", env = "KMS_SIDECAR_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
     /// Address to serve on: HOST:PORT for TCP, or unix:///path/to.sock for a
     /// Unix socket. Repeat (or comma-separate) for several.
     #[arg(long, env = "KMS_SIDECAR_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
@@ -310,6 +414,80 @@ pub struct Config {
     pub unix_socket_group: Option<u32>,
     /// Shutdown phases.
     pub shutdown: ShutdownConfig,
+}
+
+impl std::fmt::Display for Config {
+    /// The effective configuration as a configuration file (nothing in it
+    /// is secret: the local key file's path is shown, never its content).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn list(items: impl Iterator<Item = String>) -> String {
+            let quoted: Vec<String> = items.map(|i| format!("{i:?}")).collect();
+            format!("[{}]", quoted.join(", "))
+        }
+        fn dur(d: Duration) -> String {
+            format!("\"{}ms\"", d.as_millis())
+        }
+        writeln!(f, "# kms-sidecar effective configuration")?;
+        writeln!(
+            f,
+            "listen = {}",
+            list(self.listen.iter().map(ToString::to_string))
+        )?;
+        match &self.keyring {
+            KeyringConfig::Local {
+                key_file,
+                namespace,
+                name,
+            } => {
+                writeln!(f, "keyring = \"local\"")?;
+                writeln!(f, "local-key-file = {:?}", key_file.display().to_string())?;
+                writeln!(f, "local-key-namespace = {namespace:?}")?;
+                writeln!(f, "local-key-name = {name:?}")?;
+            }
+            KeyringConfig::AwsKms { key_ids } => {
+                writeln!(f, "keyring = \"aws-kms\"")?;
+                writeln!(f, "key-id = {}", list(key_ids.iter().cloned()))?;
+            }
+        }
+        let svc = &self.service;
+        writeln!(f, "frame-length = {}", svc.frame_length)?;
+        writeln!(f, "max-message-bytes = {}", svc.max_message_bytes)?;
+        writeln!(f, "max-inflight-bytes = {}", svc.max_inflight_bytes)?;
+        writeln!(
+            f,
+            "max-encrypted-data-keys = {}",
+            svc.limits.max_encrypted_data_keys
+        )?;
+        writeln!(
+            f,
+            "max-encryption-context-bytes = {}",
+            svc.limits.max_context_bytes
+        )?;
+        writeln!(f, "kms-timeout = {}", dur(self.kms_timeout))?;
+        writeln!(f, "unix-socket-mode = \"{:o}\"", self.unix_socket_mode)?;
+        if let Some(g) = self.unix_socket_group {
+            writeln!(f, "unix-socket-group = {g}")?;
+        }
+        writeln!(f, "max-concurrent-streams = {}", svc.streams.max_concurrent)?;
+        writeln!(
+            f,
+            "stream-first-message-timeout = {}",
+            dur(svc.streams.first_message_timeout)
+        )?;
+        writeln!(f, "stream-idle-timeout = {}", dur(svc.streams.idle_timeout))?;
+        writeln!(
+            f,
+            "stream-stall-timeout = {}",
+            dur(svc.streams.stall_timeout)
+        )?;
+        writeln!(f, "drain-window = {}", dur(self.shutdown.drain_window))?;
+        writeln!(
+            f,
+            "drain-quiet-period = {}",
+            dur(self.shutdown.drain_quiet_period)
+        )?;
+        writeln!(f, "shutdown-timeout = {}", dur(self.shutdown.timeout))
+    }
 }
 
 /// What happens after SIGTERM: serve on through the drain (readiness
@@ -609,6 +787,66 @@ mod tests {
         assert_eq!(w.io.context, vec![("a".to_owned(), "b=c".to_owned())]);
         assert_eq!(w.frame_length, 128);
         assert!(Cli::try_parse_from(["kms-sidecar", "client", "unwrap", "-c", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn config_file_fills_what_flags_and_env_leave_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kms-sidecar.toml");
+        std::fs::write(
+            &file,
+            "frame-length = 8192\nlisten = [\"127.0.0.1:1\", \"unix:///tmp/x.sock\"]\nkms_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let argv: Vec<std::ffi::OsString> = [
+            "kms-sidecar",
+            "--config",
+            file.to_str().unwrap(),
+            "--frame-length",
+            "4096",
+            "--local-key-file",
+            "/tmp/k",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        let merged = argv_with_config_file(argv).unwrap();
+        let c = Config::try_from(Cli::try_parse_from(merged).unwrap().serve).unwrap();
+        assert_eq!(c.service.frame_length, 4096, "the command line wins");
+        assert_eq!(c.listen.len(), 2, "the file fills the rest");
+        assert_eq!(c.kms_timeout, Duration::from_secs(2));
+        // The effective configuration reads back as an equivalent file.
+        let printed = c.to_string();
+        std::fs::write(&file, &printed).unwrap();
+        let again = argv_with_config_file(
+            ["kms-sidecar", "--config", file.to_str().unwrap()]
+                .iter()
+                .map(Into::into)
+                .collect(),
+        )
+        .unwrap();
+        let c2 = Config::try_from(Cli::try_parse_from(again).unwrap().serve).unwrap();
+        assert_eq!(c2.to_string(), printed);
+
+        std::fs::write(&file, "no-such-option = 1\n").unwrap();
+        let err = argv_with_config_file(
+            ["kms-sidecar", "--config", file.to_str().unwrap()]
+                .iter()
+                .map(Into::into)
+                .collect(),
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown setting \"no-such-option\""), "{err}");
+        std::fs::write(&file, "frame-length = [[1]]\n").unwrap();
+        assert!(
+            argv_with_config_file(
+                ["kms-sidecar", "check", "--config", file.to_str().unwrap()]
+                    .iter()
+                    .map(Into::into)
+                    .collect(),
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`api`]: the `kms_sidecar.v1.KeyService` handlers: validation, limits, orchestration.
 //! - [`streaming`]: WrapStream / UnwrapStream: frame-at-a-time, backpressure, stream limits.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
+//! - [`preflight`]: `kms-sidecar check`: which KMS permissions are needed, and granted.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
 //! - [`secret`]: the zeroizing, redacted types that hold plaintext keys.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
+pub mod preflight;
 pub mod secret;
 pub mod server;
 pub mod status;
@@ -83,7 +85,7 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
                 .map_err(|e| e.to_string())
         }
         KeyringConfig::AwsKms { key_ids } => {
-            let client = kms_client(config.kms_timeout, key_ids).await?;
+            let (client, _) = kms_client(config.kms_timeout, key_ids).await?;
             let keyring = AwsKmsKeyring::resolve(client, key_ids)
                 .await
                 .map_err(|e| format!("cannot resolve the configured KMS keys: {e}"))?;
@@ -97,10 +99,10 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
 /// chain (environment, profile, web identity, container and instance
 /// metadata; `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_KMS`), one rustls-on-ring
 /// HTTPS stack, and the KMS timeout on every operation.
-async fn kms_client(
+pub(crate) async fn kms_client(
     timeout: std::time::Duration,
     key_ids: &[String],
-) -> Result<aws_sdk_kms::Client, String> {
+) -> Result<(aws_sdk_kms::Client, aws_config::SdkConfig), String> {
     let http = keyring::aws_kms::https_client();
     let timeouts = TimeoutConfig::builder()
         .operation_timeout(timeout)
@@ -121,7 +123,7 @@ async fn kms_client(
             .ok_or("no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)")?;
         kms = kms.region(aws_sdk_kms::config::Region::new(region.to_owned()));
     }
-    Ok(aws_sdk_kms::Client::from_conf(kms.build()))
+    Ok((aws_sdk_kms::Client::from_conf(kms.build()), shared))
 }
 
 /// Runs the sidecar with `config` until `shutdown` resolves.

@@ -1,6 +1,11 @@
 //! The `kms-sidecar` binary: parse configuration, set up logging, run the
 //! sidecar or a client subcommand.
 
+#![allow(
+    clippy::print_stdout,
+    reason = "the `config` and `check` subcommands print their report on stdout"
+)]
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 
@@ -9,7 +14,14 @@ use kms_sidecar::client::{self, ClientError};
 use kms_sidecar::config::{Args, Cli, ClientCommand, ClientIo, Command, Config, HealthArgs};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match kms_sidecar::config::argv_with_config_file(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("kms-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -32,6 +44,17 @@ fn main() -> ExitCode {
         None => serve(&runtime, cli.serve),
         Some(Command::Serve(args)) => serve(&runtime, args),
         Some(Command::Health(args)) => health(&runtime, &args),
+        Some(Command::Check(args)) => check(&runtime, args),
+        Some(Command::Config(args)) => match Config::try_from(args) {
+            Ok(c) => {
+                print!("{c}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kms-sidecar: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some(Command::Client(cmd)) => match runtime.block_on(run_client(cmd)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -56,6 +79,23 @@ fn serve(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
             eprintln!("kms-sidecar: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn check(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kms-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = runtime.block_on(kms_sidecar::preflight::run(&config));
+    print!("{report}");
+    if report.can_serve {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
