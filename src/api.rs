@@ -130,9 +130,8 @@ impl KeyServiceImpl {
                 what: "Wrap plaintext",
                 size: req.plaintext.len() as u64,
                 limit: limit as u64,
-                hint: "; unary Wrap keeps its reply within the gRPC message limit, so split \
-                       larger data or raise --max-message-bytes (clients must accept replies \
-                       that large)",
+                hint: "; unary Wrap keeps its reply within the 4 MiB a stock gRPC client \
+                       accepts: use WrapStream (or `kms-sidecar client wrap`) for larger data",
             });
         }
         let context = EncryptionContext::from_request(

@@ -47,7 +47,7 @@ pub const DEFAULT_CHUNK_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}{hint}", error_chain(.source), hint = connect_hint(.target))]
     Connect {
         /// The address.
         target: String,
@@ -60,6 +60,25 @@ pub enum ClientError {
     /// Reading the input or writing the output failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+fn connect_hint(target: &str) -> &'static str {
+    if target.starts_with('/') {
+        " (for a Unix socket, write unix:///path.sock)"
+    } else {
+        ""
+    }
 }
 
 fn describe(status: &tonic::Status) -> String {

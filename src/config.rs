@@ -15,6 +15,9 @@ use crate::streaming::StreamConfig;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// The gRPC message size a stock client accepts, and our default limit.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest frame length, for Wrap and WrapStream alike: a sealed frame plus
+/// a batch of output must fit one gRPC message.
+pub const MAX_FRAME_LENGTH: u32 = 1 << 20;
 /// Room kept in a unary reply for everything but the plaintext: header
 /// (context, encrypted data key), frame overhead, protobuf framing.
 pub const UNARY_REPLY_RESERVE: usize = 64 * 1024;
@@ -249,8 +252,9 @@ pub struct Args {
     #[arg(long = "config", env = "KMS_SIDECAR_CONFIG", value_name = "FILE")]
     pub config_file: Option<PathBuf>,
 
-    /// Address to serve on: HOST:PORT for TCP, or unix:///path/to.sock for a
-    /// Unix socket. Repeat (or comma-separate) for several.
+    /// Address to serve on: IP:PORT for TCP, or unix:///path/to.sock for a
+    /// Unix socket. Repeat (or comma-separate) for several; any --listen
+    /// replaces the default.
     #[arg(long, env = "KMS_SIDECAR_LISTEN", value_delimiter = ',', default_value = DEFAULT_LISTEN)]
     pub listen: Vec<String>,
 
@@ -284,8 +288,8 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_LOCAL_KEY_NAME", default_value = "local-key")]
     pub local_key_name: String,
 
-    /// Plaintext bytes per frame in envelopes that Wrap writes (4096 to
-    /// 16777216).
+    /// Plaintext bytes per frame in envelopes that Wrap and WrapStream
+    /// write, 1024 to 1048576 (a stream may ask for its own, 1 to 1048576).
     #[arg(long, env = "KMS_SIDECAR_FRAME_LENGTH", default_value_t = 65536)]
     pub frame_length: u32,
 
@@ -529,8 +533,18 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// Largest plaintext unary Wrap accepts.
+    ///
+    /// The 64 KiB reserve covers the largest header and the frame overhead
+    /// of frames of 4 KiB or more (32 bytes per frame); smaller frames cost
+    /// proportionally more room.
     pub fn max_wrap_plaintext(&self) -> usize {
-        self.max_message_bytes.saturating_sub(UNARY_REPLY_RESERVE)
+        let room = self.max_message_bytes.saturating_sub(UNARY_REPLY_RESERVE);
+        let frame = self.frame_length as usize;
+        if frame >= 4096 {
+            room
+        } else {
+            room / (frame + 32) * frame
+        }
     }
 }
 
@@ -582,9 +596,12 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
         }
         return Ok(ListenAddr::Unix(PathBuf::from(path)));
     }
-    s.parse::<SocketAddr>()
-        .map(ListenAddr::Tcp)
-        .map_err(|_| format!("invalid listen address {s:?}: use HOST:PORT (e.g. 127.0.0.1:50051) or unix:///path.sock"))
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        format!(
+            "invalid listen address {s:?}: use IP:PORT (e.g. 127.0.0.1:50051; host names are not \
+             resolved) or unix:///absolute/path.sock"
+        )
+    })
 }
 
 fn default_key_file() -> Result<PathBuf, String> {
@@ -646,17 +663,17 @@ impl TryFrom<Args> for Config {
                 KeyringConfig::AwsKms { key_ids }
             }
         };
-        if !(4096..=16 * 1024 * 1024).contains(&a.frame_length) {
+        if !(1024..=MAX_FRAME_LENGTH).contains(&a.frame_length) {
             return Err(format!(
-                "--frame-length {} is out of range: use 4096 to 16777216",
+                "--frame-length {} is out of range: use 1024 to {MAX_FRAME_LENGTH}",
                 a.frame_length
             ));
         }
-        if a.max_message_bytes < 2 * UNARY_REPLY_RESERVE {
+        if a.max_message_bytes < DEFAULT_MAX_MESSAGE_BYTES {
             return Err(format!(
-                "--max-message-bytes {} is too small: use at least {}",
-                a.max_message_bytes,
-                2 * UNARY_REPLY_RESERVE
+                "--max-message-bytes {} is too small: use at least {DEFAULT_MAX_MESSAGE_BYTES} \
+                 (streamed replies carry up to about 2 MiB)",
+                a.max_message_bytes
             ));
         }
         if a.max_encrypted_data_keys == 0 || a.max_encrypted_data_keys > 65535 {
@@ -751,7 +768,7 @@ mod tests {
         assert!(
             parse(&["--listen", "nonsense"])
                 .unwrap_err()
-                .contains("HOST:PORT")
+                .contains("IP:PORT")
         );
         assert!(
             parse(&["--keyring", "aws-kms"])
@@ -761,7 +778,7 @@ mod tests {
         assert!(
             parse(&["--frame-length", "10"])
                 .unwrap_err()
-                .contains("4096")
+                .contains("1024 to 1048576")
         );
     }
 

@@ -103,7 +103,10 @@ fn health(runtime: &tokio::runtime::Runtime, args: &HealthArgs) -> ExitCode {
     use tonic_health::pb::health_check_response::ServingStatus;
     let target = args.target();
     match runtime.block_on(client::health(&target, &args.service, args.timeout)) {
-        Ok(ServingStatus::Serving) => ExitCode::SUCCESS,
+        Ok(ServingStatus::Serving) => {
+            println!("{target} {:?}: SERVING", args.service);
+            ExitCode::SUCCESS
+        }
         Ok(status) => {
             eprintln!(
                 "kms-sidecar: {target} service {:?} is {}",
@@ -147,7 +150,12 @@ async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             .await?
         }
         (ClientCommand::Wrap(w), false) => {
-            let mut file = tokio::fs::File::create(&io.output).await?;
+            let mut file = tokio::fs::File::create(&io.output).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot write {}: {e}", io.output.display()),
+                )
+            })?;
             let result = client::wrap_stream(
                 channel,
                 w.key_id.clone(),
@@ -170,7 +178,7 @@ async fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
             client::unwrap_stream_to_file(channel, context, input, &io.output, chunk).await?
         }
     };
-    tracing::info!(key_id, plaintext_bytes = bytes, "done");
+    tracing::debug!(key_id, plaintext_bytes = bytes, "done");
     Ok(())
 }
 
@@ -184,7 +192,10 @@ async fn open_input(
     if is_stdio(&io.input) {
         Ok(Box::new(tokio::io::stdin()))
     } else {
-        Ok(Box::new(tokio::fs::File::open(&io.input).await?))
+        let file = tokio::fs::File::open(&io.input).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read {}: {e}", io.input.display()))
+        })?;
+        Ok(Box::new(file))
     }
 }
 

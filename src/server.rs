@@ -73,6 +73,19 @@ pub async fn bind(
 }
 
 async fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| {
+                format!(
+                    "cannot create directory {} for the socket: {e}",
+                    dir.display()
+                )
+            })?;
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(format!(

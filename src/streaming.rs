@@ -39,7 +39,7 @@ pub const CHANNEL_DEPTH: usize = 2;
 /// plaintext one UnwrapStream response carries.
 pub const OUT_MESSAGE_BYTES: usize = 1 << 20;
 /// Largest frame length WrapStream accepts.
-pub const MAX_WRAP_FRAME_LENGTH: u32 = 1 << 20;
+pub const MAX_WRAP_FRAME_LENGTH: u32 = crate::config::MAX_FRAME_LENGTH;
 /// Largest header UnwrapStream buffers before giving up on it.
 const MAX_HEADER_BYTES: usize = 1 << 20;
 

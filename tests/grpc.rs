@@ -561,3 +561,38 @@ async fn b12_inflight_budget_refuses_fast() {
         .unwrap();
     sidecar.stop().await;
 }
+
+/// With small frames the documented unary maximum shrinks so that the
+/// reply still fits: the largest accepted plaintext round-trips.
+#[tokio::test]
+async fn small_frames_keep_unary_replies_within_the_limit() {
+    let config = ServiceConfig {
+        frame_length: 1024,
+        ..ServiceConfig::default()
+    };
+    let max = config.max_wrap_plaintext();
+    assert!(max < 4_128_768);
+    let sidecar = Sidecar::start_with(local_keyring(1), config, &[]).await;
+    let mut client = sidecar.client().await;
+    let envelope = client
+        .wrap(WrapRequest {
+            plaintext: vec![9u8; max],
+            encryption_context: ctx(&[("k", &"v".repeat(8000))]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .envelope;
+    assert!(envelope.len() <= 4 * MIB);
+    let err = client
+        .wrap(WrapRequest {
+            plaintext: vec![9u8; max + 1],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "PAYLOAD_TOO_LARGE");
+    assert!(err.message().contains("WrapStream"));
+    sidecar.stop().await;
+}

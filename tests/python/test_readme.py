@@ -1,8 +1,6 @@
 """The README's newcomer path, run as written: wrap a file through the
 sidecar with grpcurl, decrypt it with the README's official-SDK script."""
 
-import base64
-import json
 import os
 import re
 import subprocess
@@ -13,9 +11,9 @@ from conftest import REPO, start_sidecar
 from test_grpcurl import GRPCURL
 
 
-def readme_block(name: str) -> str:
+def readme_block(name: str, lang: str = "python") -> str:
     text = (REPO / "README.md").read_text()
-    match = re.search(rf"<!-- readme-test: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    match = re.search(rf"<!-- readme-test: {re.escape(name)} -->\n```{lang}\n(.*?)```", text, re.S)
     assert match, f"README block {name} not found"
     return match.group(1)
 
@@ -24,22 +22,18 @@ def test_readme_wrap_file_then_decrypt_with_official_sdk(tmp_path):
     # Zero-config sidecar: default key file location, namespace and key name.
     sidecar = start_sidecar([], env={"XDG_DATA_HOME": str(tmp_path / "data")})
     try:
+        # A file well over the 128 KiB a command-line argument can carry.
         document = tmp_path / "report.pdf"
-        document.write_bytes(os.urandom(200_000) + "é€ end".encode())
-        request = {
-            "plaintext": base64.b64encode(document.read_bytes()).decode(),
-            "encryption_context": {"doc": "report"},
-        }
-        out = subprocess.run(
-            [GRPCURL, "-plaintext", "-d", "@", sidecar.tcp, "kms_sidecar.v1.KeyService/Wrap"],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        document.write_bytes(os.urandom(1_000_000) + "é€ end".encode())
+        # The README's shell command, as written, against this sidecar.
+        command = readme_block("wrap.sh", "sh").replace("127.0.0.1:50051", sidecar.tcp)
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(GRPCURL).parent}:{Path(sys.executable).parent}:{env['PATH']}"
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
         envelope = tmp_path / "report.pdf.enc"
-        envelope.write_bytes(base64.b64decode(json.loads(out.stdout)["envelope"]))
+        assert envelope.stat().st_size > 1_000_000
     finally:
         assert sidecar.stop() == 0
 
