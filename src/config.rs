@@ -306,6 +306,14 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_inflight_bytes: usize,
 
+    /// Interval of the deep health probe: one real GenerateDataKey + Decrypt
+    /// on the default key, whatever the probe rate; a failure turns the
+    /// kms_sidecar.v1.KeyService status (readiness) NOT_SERVING, a success
+    /// turns it back. The overall "" status (liveness) is not affected.
+    /// 0 disables the probe.
+    #[arg(long, env = "KMS_SIDECAR_HEALTH_PROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub health_probe_interval: Duration,
+
     /// Most encrypted data keys an envelope may hold for Unwrap to try it.
     #[arg(long, env = "KMS_SIDECAR_MAX_ENCRYPTED_DATA_KEYS", default_value_t = 4)]
     pub max_encrypted_data_keys: usize,
@@ -459,6 +467,11 @@ impl std::fmt::Display for Config {
         writeln!(f, "max-inflight-bytes = {}", svc.max_inflight_bytes)?;
         writeln!(
             f,
+            "health-probe-interval = {}",
+            dur(svc.health_probe_interval.unwrap_or(Duration::ZERO))
+        )?;
+        writeln!(
+            f,
             "max-encrypted-data-keys = {}",
             svc.limits.max_encrypted_data_keys
         )?;
@@ -529,6 +542,10 @@ pub struct ServiceConfig {
     pub streams: StreamConfig,
     /// Unary request bytes in progress at once.
     pub max_inflight_bytes: usize,
+    /// Interval of the deep health probe (a real data key round trip on
+    /// the default key) that drives the KeyService health status; `None`
+    /// disables it.
+    pub health_probe_interval: Option<Duration>,
 }
 
 impl ServiceConfig {
@@ -556,6 +573,7 @@ impl Default for ServiceConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             streams: StreamConfig::default(),
             max_inflight_bytes: 64 * 1024 * 1024,
+            health_probe_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -716,6 +734,8 @@ impl TryFrom<Args> for Config {
                 frame_length: a.frame_length,
                 max_message_bytes: a.max_message_bytes,
                 max_inflight_bytes: a.max_inflight_bytes,
+                health_probe_interval: (!a.health_probe_interval.is_zero())
+                    .then_some(a.health_probe_interval),
                 streams: StreamConfig {
                     max_concurrent: a.max_concurrent_streams,
                     first_message_timeout: a.stream_first_message_timeout,

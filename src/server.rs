@@ -134,6 +134,9 @@ pub async fn serve(
     health
         .set_serving::<KeyServiceServer<KeyServiceImpl>>()
         .await;
+    let prober = config
+        .health_probe_interval
+        .map(|every| tokio::spawn(probe_loop(Arc::clone(&keyring), health.clone(), every)));
     let service = KeyServiceImpl::new(keyring, config);
     let activity = Arc::new(Activity::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -177,6 +180,9 @@ pub async fn serve(
         }
     }
     shutdown.await;
+    if let Some(prober) = prober {
+        prober.abort();
+    }
     health
         .set_not_serving::<KeyServiceServer<KeyServiceImpl>>()
         .await;
@@ -229,6 +235,46 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the deep health probe every `every` and sets the KeyService status
+/// from it, logging each transition once with its reason. The probe rate of
+/// the kubelet or of clients never changes the KMS call rate.
+async fn probe_loop(
+    keyring: Arc<Keyring>,
+    health: tonic_health::server::HealthReporter,
+    every: Duration,
+) {
+    let mut serving = true;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match keyring.probe().await {
+            Ok(()) => {
+                if !serving {
+                    tracing::info!("health probe succeeded: KeyService SERVING again");
+                    health
+                        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
+                        .await;
+                    serving = true;
+                }
+            }
+            Err(err) => {
+                if serving {
+                    tracing::warn!(
+                        class = ?err.class(),
+                        error = %err,
+                        "health probe failed: KeyService NOT_SERVING (liveness unaffected)"
+                    );
+                    health
+                        .set_not_serving::<KeyServiceServer<KeyServiceImpl>>()
+                        .await;
+                    serving = false;
+                }
+            }
+        }
+    }
 }
 
 /// KeyService calls in progress and when the last one ended (health and

@@ -433,3 +433,91 @@ async fn ambiguous_contexts_are_distinct() {
     assert_eq!(ok.into_inner().plaintext, b"bound");
     sidecar.stop().await;
 }
+
+/// Field case B11 (the parts moto can play): the deep probe turns the
+/// KeyService status NOT_SERVING when the key cannot be used or KMS cannot
+/// be reached, while the overall status used for liveness stays SERVING;
+/// it comes back once a probe succeeds.
+#[tokio::test]
+async fn b11_deep_probe_drives_readiness_not_liveness() {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let config = kms_sidecar::config::ServiceConfig {
+        health_probe_interval: Some(std::time::Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let kms = kms_client();
+    let arn = create_key(&kms).await;
+    let ghost =
+        arn.rsplit_once("key/").unwrap().0.to_owned() + "key/11111111-2222-3333-4444-555555555555";
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let broken = [
+        kms_keyring(std::slice::from_ref(&ghost)).await,
+        kms_sidecar::keyring::Keyring::AwsKms(
+            kms_sidecar::keyring::AwsKmsKeyring::resolve(
+                common::kms_client_for(&dead),
+                std::slice::from_ref(&arn),
+            )
+            .await
+            .unwrap(),
+        ),
+    ];
+    for keyring in broken {
+        let sidecar = Sidecar::start_with(keyring, config, &[]).await;
+        let mut health = HealthClient::new(sidecar.channel().await);
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: "kms_sidecar.v1.KeyService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let next = tokio::time::timeout_at(deadline, watch.next()).await;
+            let status = next
+                .expect("NOT_SERVING within 10 s")
+                .unwrap()
+                .unwrap()
+                .status;
+            if status == ServingStatus::NotServing as i32 {
+                break;
+            }
+        }
+        let overall = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            overall,
+            ServingStatus::Serving as i32,
+            "liveness unaffected"
+        );
+        drop((watch, health)); // an open Watch would hold the shutdown to its bound
+        sidecar.stop().await;
+    }
+
+    // A working key: SERVING, and it stays so.
+    let sidecar =
+        Sidecar::start_with(kms_keyring(std::slice::from_ref(&arn)).await, config, &[]).await;
+    let mut health = HealthClient::new(sidecar.channel().await);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await; // three probe periods
+    let status = health
+        .check(HealthCheckRequest {
+            service: "kms_sidecar.v1.KeyService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    sidecar.stop().await;
+}

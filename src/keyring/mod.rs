@@ -133,6 +133,19 @@ impl Keyring {
         Ok((data_key, key_id))
     }
 
+    /// The deep health check: a fresh data key from the default key, and
+    /// its decryption, as Wrap and Unwrap would do them.
+    ///
+    /// # Errors
+    /// The error either step returned.
+    pub async fn probe(&self) -> Result<(), Error> {
+        let key_id = self.resolve("")?.to_owned();
+        let context =
+            EncryptionContext::from_pairs([("kms-sidecar".to_owned(), "health-probe".to_owned())]);
+        let (_data_key, edk) = self.generate_message_key(&key_id, &context).await?;
+        self.decrypt_message_key(&[edk], &context).await.map(|_| ())
+    }
+
     async fn decrypt(
         &self,
         edks: &[EncryptedDataKey],
