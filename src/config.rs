@@ -306,6 +306,11 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_inflight_bytes: usize,
 
+    /// Bound on a unary call, from its first request byte to its reply
+    /// (DEADLINE_EXCEEDED after it); a client's shorter grpc-timeout wins.
+    #[arg(long, env = "KMS_SIDECAR_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
     /// Interval of the deep health probe: one real GenerateDataKey + Decrypt
     /// on the default key, whatever the probe rate; a failure turns the
     /// kms_sidecar.v1.KeyService status (readiness) NOT_SERVING, a success
@@ -481,6 +486,7 @@ impl std::fmt::Display for Config {
             svc.limits.max_context_bytes
         )?;
         writeln!(f, "kms-timeout = {}", dur(self.kms_timeout))?;
+        writeln!(f, "request-timeout = {}", dur(svc.request_timeout))?;
         writeln!(f, "unix-socket-mode = \"{:o}\"", self.unix_socket_mode)?;
         if let Some(g) = self.unix_socket_group {
             writeln!(f, "unix-socket-group = {g}")?;
@@ -542,6 +548,8 @@ pub struct ServiceConfig {
     pub streams: StreamConfig,
     /// Unary request bytes in progress at once.
     pub max_inflight_bytes: usize,
+    /// Bound on a unary call, from its first byte to its reply.
+    pub request_timeout: Duration,
     /// Interval of the deep health probe (a real data key round trip on
     /// the default key) that drives the KeyService health status; `None`
     /// disables it.
@@ -574,6 +582,7 @@ impl Default for ServiceConfig {
             streams: StreamConfig::default(),
             max_inflight_bytes: 64 * 1024 * 1024,
             health_probe_interval: Some(Duration::from_secs(30)),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -703,6 +712,7 @@ impl TryFrom<Args> for Config {
         }
         for (name, d) in [
             ("--kms-timeout", a.kms_timeout),
+            ("--request-timeout", a.request_timeout),
             (
                 "--stream-first-message-timeout",
                 a.stream_first_message_timeout,
@@ -734,6 +744,7 @@ impl TryFrom<Args> for Config {
                 frame_length: a.frame_length,
                 max_message_bytes: a.max_message_bytes,
                 max_inflight_bytes: a.max_inflight_bytes,
+                request_timeout: a.request_timeout,
                 health_probe_interval: (!a.health_probe_interval.is_zero())
                     .then_some(a.health_probe_interval),
                 streams: StreamConfig {

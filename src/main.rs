@@ -73,7 +73,13 @@ fn serve(runtime: &tokio::runtime::Runtime, args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(kms_sidecar::run(config, shutdown_signal())) {
+    // Handlers are installed before anything binds: a SIGTERM that arrives
+    // during start-up still shuts down cleanly instead of killing the process.
+    let shutdown = {
+        let _guard = runtime.enter();
+        shutdown_signal()
+    };
+    match runtime.block_on(kms_sidecar::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kms-sidecar: {e}");
@@ -199,22 +205,26 @@ async fn open_input(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (inside the runtime) and
+/// returns a future that resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
             }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::warn!("cannot install signal handlers; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -17,7 +17,6 @@ use tonic::transport::Server;
 
 use crate::api::KeyServiceImpl;
 use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
-use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::status::to_status;
@@ -145,6 +144,10 @@ pub async fn serve(
     for listener in listeners {
         let tracked = Arc::clone(&activity);
         let router = http2_settings(Server::builder())
+            // Unary calls (request received, handled, answered) must finish
+            // in this time, so a client that never completes its request
+            // does not hold memory; streaming handlers return at once.
+            .timeout(config.request_timeout)
             .layer(tower::layer::layer_fn(PayloadLimitStatus::new))
             .layer(tower::layer::layer_fn(move |inner| TrackActivity {
                 inner,
@@ -408,6 +411,11 @@ pub fn http2_settings<L>(server: Server<L>) -> Server<L> {
     server
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // Bounds what one connection can hold open at once.
+        .max_concurrent_streams(Some(256))
+        // Peers that stop answering pings are disconnected.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
 fn reflection_v1() -> Result<
@@ -438,10 +446,11 @@ fn reflection_v1alpha() -> Result<
         .map_err(|e| format!("reflection setup failed: {e}"))
 }
 
-/// Rewrites tonic's own "decoded message length too large" status
-/// (OUT_OF_RANGE, sent before any handler runs) into this service's
-/// RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE status naming both sizes, so an
-/// oversized request gets the same answer as an oversized payload.
+/// Rewrites the statuses tonic itself sends before any handler runs into
+/// this service's: an oversized request (tonic: OUT_OF_RANGE) becomes
+/// RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE naming both sizes, and a request
+/// that does not decode (tonic: INTERNAL) becomes INVALID_ARGUMENT /
+/// INVALID_REQUEST, each with its ErrorInfo.
 #[derive(Debug, Clone)]
 pub struct PayloadLimitStatus<S> {
     inner: S,
@@ -457,23 +466,15 @@ fn rewrite_too_large(headers: &mut http::HeaderMap) {
     let Some(status) = tonic::Status::from_header_map(headers) else {
         return;
     };
-    let Some((size, limit)) = crate::status::tonic_too_large(&status) else {
+    let Some(err) = crate::status::tonic_request_error(&status) else {
         return;
     };
-    let ours = to_status(
-        &Error::PayloadTooLarge {
-            what: "request message",
-            size,
-            limit,
-            hint: "; send less per call or raise --max-message-bytes",
-        },
-        &[],
-    );
+    let ours = to_status(&err, &[]);
     for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
         headers.remove(name);
     }
     if ours.add_header(headers).is_err() {
-        tracing::warn!("could not rewrite an oversized-request status");
+        tracing::warn!("could not rewrite a request-decoding status");
     }
 }
 

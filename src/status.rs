@@ -160,15 +160,46 @@ pub fn tonic_too_large(status: &Status) -> Option<(u64, u64)> {
     }
 }
 
-/// The error behind a failed read of a request stream.
-pub fn from_transport(status: &Status) -> Error {
+/// Recognizes the statuses tonic itself returns for a request it cannot
+/// decode (before any handler runs) and gives the error they stand for:
+/// an oversized message, a message that is not valid protobuf for the
+/// method, or a unary call with no message.
+pub fn tonic_request_error(status: &Status) -> Option<Error> {
     if let Some((size, limit)) = tonic_too_large(status) {
-        return Error::PayloadTooLarge {
+        return Some(Error::PayloadTooLarge {
             what: "request message",
             size,
             limit,
-            hint: "; send smaller chunks or raise --max-message-bytes",
-        };
+            hint: "; send less per message or raise --max-message-bytes",
+        });
+    }
+    if status.code() != Code::Internal {
+        return None;
+    }
+    let message = status.message();
+    if message.starts_with("failed to decode Protobuf message") {
+        let detail = message
+            .split_once(": ")
+            .map_or("", |(_, d)| d)
+            .chars()
+            .take(200)
+            .collect::<String>();
+        return Some(Error::InvalidRequest(format!(
+            "the request is not a valid message for this method ({detail})"
+        )));
+    }
+    if message == "Missing request message." {
+        return Some(Error::InvalidRequest(
+            "the call carried no request message".into(),
+        ));
+    }
+    None
+}
+
+/// The error behind a failed read of a request stream.
+pub fn from_transport(status: &Status) -> Error {
+    if let Some(err) = tonic_request_error(status) {
+        return err;
     }
     tracing::debug!(code = ?status.code(), message = status.message(), "request stream failed");
     match status.code() {

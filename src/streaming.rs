@@ -385,8 +385,16 @@ impl Streams {
         if !parsed.header.context.matches_ignoring_reserved(&supplied) {
             return Err(Error::auth("encryption context differs"));
         }
+        let (data_key, key_id) = self
+            .keyring
+            .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
+            .await?;
+        tracing::Span::current().record("key_id", key_id.as_str());
+        let mut opener = Opener::new(&parsed, &data_key)?;
+        drop(data_key);
         // Most bytes of one frame (or of non-framed content) held until its
-        // tag verifies.
+        // tag verifies; checked once the header authenticated, so damage
+        // to the header reads as damage, as in unary Unwrap.
         let unverified_limit = self.config.max_message_bytes;
         if let ContentType::Framed { frame_length } = parsed.header.content_type
             && frame_length as usize > unverified_limit
@@ -398,13 +406,7 @@ impl Streams {
                 hint: "; UnwrapStream holds one frame until it verifies",
             });
         }
-        let (data_key, key_id) = self
-            .keyring
-            .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
-            .await?;
-        tracing::Span::current().record("key_id", key_id.as_str());
-        let mut opener = Opener::new(&parsed, &data_key)?;
-        drop(data_key);
+
         out.send(UnwrapStreamResponse {
             chunk: Vec::new(),
             key_id,
@@ -518,6 +520,11 @@ async fn send_plaintext(
     out.send(unwrap_chunk(all)).await
 }
 
+/// Chunks smaller than this are coalesced in [`Pending`].
+const SMALL_CHUNK: usize = 4096;
+/// Size of the buffers small chunks are coalesced into.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 /// Request bytes received but not yet consumed, kept as the chunks they
 /// arrived in: nothing is copied into one big buffer.
 #[derive(Debug, Default)]
@@ -529,11 +536,28 @@ struct Pending {
 }
 
 impl Pending {
+    /// Adds a request chunk. Small chunks are copied into the previous one
+    /// (up to [`COALESCE_BYTES`]) so that a client sending one byte per
+    /// message costs one byte, not one allocation, per byte.
     fn push(&mut self, chunk: Vec<u8>) {
-        if !chunk.is_empty() {
-            self.len += chunk.len();
-            self.chunks.push_back(chunk);
+        if chunk.is_empty() {
+            return;
         }
+        self.len += chunk.len();
+        if chunk.len() < SMALL_CHUNK {
+            if let Some(back) = self.chunks.back_mut()
+                && back.len() + chunk.len() <= COALESCE_BYTES
+                && back.capacity() >= COALESCE_BYTES
+            {
+                back.extend_from_slice(&chunk);
+                return;
+            }
+            let mut merged = Vec::with_capacity(COALESCE_BYTES);
+            merged.extend_from_slice(&chunk);
+            self.chunks.push_back(merged);
+            return;
+        }
+        self.chunks.push_back(chunk);
     }
 
     fn len(&self) -> usize {
@@ -640,5 +664,18 @@ mod tests {
         assert_eq!(p.len(), 0);
         let mut big = [0u8; 4];
         assert_eq!(p.peek(&mut big), 0);
+    }
+
+    #[test]
+    fn one_byte_chunks_share_buffers() {
+        let mut p = Pending::default();
+        for i in 0..200_000u32 {
+            p.push(vec![i as u8]);
+        }
+        assert_eq!(p.len(), 200_000);
+        assert!(p.chunks.len() <= 4, "{} buffers", p.chunks.len());
+        let mut out = Vec::new();
+        p.move_to(200_000, &mut out);
+        assert!(out.iter().enumerate().all(|(i, b)| *b == i as u8));
     }
 }

@@ -542,3 +542,46 @@ async fn one_gib_streamed_roundtrip() {
     );
     sidecar.stop().await;
 }
+
+/// Every single-bit flip in the header gets the same status from
+/// UnwrapStream as from unary Unwrap (damage is damage, whichever path).
+#[tokio::test]
+async fn header_damage_reads_the_same_in_both_paths() {
+    let sidecar = Sidecar::start(local_keyring(1)).await;
+    let mut client = sidecar.client().await;
+    let envelope = wrap_stream(
+        &mut client,
+        wrap_requests(16, &[("tenant", "acme")], b"0123456789abcdefXYZ", 7),
+    )
+    .await;
+    let limits = kms_sidecar::envelope::EnvelopeLimits::default();
+    let header_len = kms_sidecar::envelope::parse_header(&envelope, &limits)
+        .unwrap()
+        .unwrap()
+        .len;
+    for i in 0..header_len {
+        for bit in 0..8 {
+            let mut damaged = envelope.clone();
+            damaged[i] ^= 1 << bit;
+            let unary = client
+                .unwrap(UnwrapRequest {
+                    envelope: damaged.clone(),
+                    encryption_context: ctx(&[("tenant", "acme")]),
+                })
+                .await
+                .unwrap_err();
+            let (_, streamed) = unwrap_stream(
+                &mut client,
+                unwrap_requests(&[("tenant", "acme")], &damaged, 64),
+            )
+            .await;
+            let streamed = streamed.unwrap_err();
+            assert_eq!(
+                (streamed.code(), reason(&streamed)),
+                (unary.code(), reason(&unary)),
+                "byte {i} bit {bit}"
+            );
+        }
+    }
+    sidecar.stop().await;
+}

@@ -141,7 +141,7 @@ def test_invalid_configuration_fails_fast_with_one_line(tmp_path):
     for args, needle in (
         (["--keyring", "aws-kms"], "--key-id"),
         (["--listen", "unix://relative.sock"], "absolute"),
-        (["--frame-length", "12"], "4096"),
+        (["--frame-length", "12"], "1024 to 1048576"),
     ):
         out = subprocess.run(
             [sidecar_binary(), "--local-key-file", str(tmp_path / "k"), *args],
@@ -166,5 +166,60 @@ def test_zero_config_start_creates_key_file(pb, tmp_path):
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.stat().st_size == 32
         assert str(key_file) in sidecar.log()
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_malformed_requests_are_invalid_argument(local_sidecar):
+    """Bytes that are not a valid request message, or no message at all:
+    INVALID_ARGUMENT / INVALID_REQUEST, never INTERNAL."""
+    channel = local_sidecar.channel()
+    wrap = channel.unary_unary(
+        "/kms_sidecar.v1.KeyService/Wrap",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    for raw in (b"\x0a\x02\xff\xfe", b"\x12\x05ab", b"\x1a\x03\x0a\x01"):
+        with pytest.raises(grpc.RpcError) as err:
+            wrap(raw, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw
+        assert error_reason(err.value) == "INVALID_REQUEST"
+    no_message = channel.stream_unary(
+        "/kms_sidecar.v1.KeyService/Wrap",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        no_message(iter(()), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(err.value) == "INVALID_REQUEST"
+
+
+def test_unfinished_unary_request_times_out(local_key, pb):
+    """A unary call whose request never completes is ended by
+    --request-timeout instead of holding its buffer forever."""
+    import threading
+    import time
+
+    sidecar = start_sidecar(["--local-key-file", str(local_key[0]), "--request-timeout", "1s"])
+    try:
+        messages, _ = pb
+        call = sidecar.channel().stream_unary(
+            "/kms_sidecar.v1.KeyService/Wrap",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        release = threading.Event()
+
+        def never_half_close():
+            yield messages.WrapRequest(plaintext=b"\xaa" * 1_000_000).SerializeToString()
+            release.wait(30)
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            call(never_half_close(), timeout=20)
+        release.set()
+        assert time.monotonic() - started < 10
+        assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
     finally:
         assert sidecar.stop() == 0
