@@ -34,41 +34,17 @@ pub struct KeyServiceImpl {
     config: ServiceConfig,
     rng: SystemRandom,
     streams: Streams,
-    /// The in-flight byte budget of unary calls, in KiB permits.
-    budget: Arc<tokio::sync::Semaphore>,
 }
-
-/// Budget permits are KiB, so the semaphore's range is never a limit.
-const BUDGET_UNIT: usize = 1024;
 
 impl KeyServiceImpl {
     /// A service over `keyring` with `config`'s limits.
     pub fn new(keyring: Arc<Keyring>, config: ServiceConfig) -> Self {
         Self {
-            budget: Arc::new(tokio::sync::Semaphore::new(
-                config.max_inflight_bytes / BUDGET_UNIT,
-            )),
             streams: Streams::new(Arc::clone(&keyring), config),
             keyring,
             config,
             rng: SystemRandom::new(),
         }
-    }
-
-    /// Reserves budget for a unary call whose request is `request_bytes`
-    /// long (its reply is about as large), or refuses it at once.
-    fn admit(&self, request_bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
-        let units = (2 * request_bytes).div_ceil(BUDGET_UNIT).max(1);
-        let total = self.config.max_inflight_bytes / BUDGET_UNIT;
-        u32::try_from(units)
-            .ok()
-            .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok())
-            .ok_or_else(|| Error::Busy {
-                in_flight: (total.saturating_sub(self.budget.available_permits()) * BUDGET_UNIT)
-                    as u64,
-                needed: (units * BUDGET_UNIT) as u64,
-                budget: (total * BUDGET_UNIT) as u64,
-            })
     }
 
     async fn generate_data_key(
@@ -115,10 +91,7 @@ impl KeyServiceImpl {
     }
 
     async fn wrap(&self, mut req: WrapRequest) -> Result<WrapResponse, Error> {
-        let result = match self.admit(req.plaintext.len()) {
-            Ok(_permit) => self.wrap_inner(&mut req).await,
-            Err(e) => Err(e),
-        };
+        let result = self.wrap_inner(&mut req).await;
         req.plaintext.zeroize();
         result
     }
@@ -162,7 +135,6 @@ impl KeyServiceImpl {
     }
 
     async fn unwrap(&self, req: UnwrapRequest) -> Result<UnwrapResponse, Error> {
-        let _budget = self.admit(req.envelope.len())?;
         let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
             .ok_or(Error::auth("envelope shorter than its header"))?;
         let supplied = EncryptionContext::from_pairs(req.encryption_context);

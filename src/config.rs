@@ -299,10 +299,11 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 
-    /// Bytes of unary requests (and their replies) in progress at once;
-    /// calls beyond it are refused at once with RESOURCE_EXHAUSTED
-    /// (SIDECAR_BUSY) instead of queueing. Bounds memory: peak RSS stays
-    /// near base + 3 x this.
+    /// Bytes of unary requests (and their replies) in progress at once,
+    /// reserved from each request's gRPC length prefix before its body is
+    /// read; calls beyond it are refused at once with RESOURCE_EXHAUSTED
+    /// (SIDECAR_BUSY) instead of queueing. At least twice
+    /// --max-message-bytes.
     #[arg(long, env = "KMS_SIDECAR_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_inflight_bytes: usize,
 
@@ -724,9 +725,10 @@ impl TryFrom<Args> for Config {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if a.max_inflight_bytes < a.max_message_bytes {
+        if a.max_inflight_bytes < 2 * a.max_message_bytes + 64 * 1024 {
             return Err(format!(
-                "--max-inflight-bytes {} must be at least --max-message-bytes {}",
+                "--max-inflight-bytes {} must be at least twice --max-message-bytes {} plus \
+                 64 KiB (a call reserves room for its request and its reply)",
                 a.max_inflight_bytes, a.max_message_bytes
             ));
         }

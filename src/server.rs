@@ -138,11 +138,14 @@ pub async fn serve(
         .map(|every| tokio::spawn(probe_loop(Arc::clone(&keyring), health.clone(), every)));
     let service = KeyServiceImpl::new(keyring, config);
     let activity = Arc::new(Activity::default());
+    let budget = Budget::new(config.max_inflight_bytes);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
         let tracked = Arc::clone(&activity);
+        let admission = budget.clone();
+        let peek_timeout = config.request_timeout;
         let router = http2_settings(Server::builder())
             // Unary calls (request received, handled, answered) must finish
             // in this time, so a client that never completes its request
@@ -152,6 +155,11 @@ pub async fn serve(
             .layer(tower::layer::layer_fn(move |inner| TrackActivity {
                 inner,
                 activity: Arc::clone(&tracked),
+            }))
+            .layer(tower::layer::layer_fn(move |inner| Admission {
+                inner,
+                budget: admission.clone(),
+                peek_timeout,
             }))
             .add_service(health_service.clone())
             .add_service(reflection_v1()?)
@@ -277,6 +285,203 @@ async fn probe_loop(
                 }
             }
         }
+    }
+}
+
+/// The in-flight byte budget of unary KeyService calls, counted in KiB.
+#[derive(Debug, Clone)]
+struct Budget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total: usize,
+}
+
+/// Budget permits are KiB, so the semaphore's range is never a limit.
+const BUDGET_UNIT: usize = 1024;
+
+impl Budget {
+    fn new(bytes: usize) -> Self {
+        let total = (bytes / BUDGET_UNIT).max(1);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Reserves room for a request message of `len` bytes and its reply.
+    fn admit(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, crate::error::Error> {
+        let units = (2 * (len + 5)).div_ceil(BUDGET_UNIT).max(1);
+        u32::try_from(units)
+            .ok()
+            .and_then(|n| Arc::clone(&self.permits).try_acquire_many_owned(n).ok())
+            .ok_or_else(|| crate::error::Error::Busy {
+                in_flight: (self.total.saturating_sub(self.permits.available_permits())
+                    * BUDGET_UNIT) as u64,
+                needed: (units * BUDGET_UNIT) as u64,
+                budget: (self.total * BUDGET_UNIT) as u64,
+            })
+    }
+}
+
+/// Admits unary KeyService calls against the in-flight byte budget
+/// *before* their message is received: the size comes from the 5-byte gRPC
+/// message prefix, and a call that does not fit is refused at once with
+/// RESOURCE_EXHAUSTED / SIDECAR_BUSY, its body never read. The reservation
+/// lasts until the reply has been sent, so the budget bounds the memory of
+/// requests being received, handled and answered.
+#[derive(Debug, Clone)]
+struct Admission<S> {
+    inner: S,
+    budget: Budget,
+    peek_timeout: Duration,
+}
+
+/// The unary methods the budget applies to.
+fn is_budgeted(path: &str) -> bool {
+    matches!(
+        path,
+        "/kms_sidecar.v1.KeyService/Wrap"
+            | "/kms_sidecar.v1.KeyService/Unwrap"
+            | "/kms_sidecar.v1.KeyService/GenerateDataKey"
+    )
+}
+
+impl<S, ResB> tower::Service<http::Request<tonic::body::Body>> for Admission<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResB>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: Default + Send + 'static,
+{
+    type Response = http::Response<Permitted<ResB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let wrap = |resp: http::Response<ResB>, permit| {
+            resp.map(|inner| Permitted {
+                inner,
+                _permit: permit,
+            })
+        };
+        if !is_budgeted(req.uri().path()) {
+            let fut = self.inner.call(req);
+            return Box::pin(async move { Ok(wrap(fut.await?, None)) });
+        }
+        // The inner service was made ready for this call; keep it, leave a
+        // clone for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let budget = self.budget.clone();
+        let peek_timeout = self.peek_timeout;
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let peeked = tokio::time::timeout(peek_timeout, peek_prefix(body)).await;
+            let Ok((prefix, len, rest)) = peeked else {
+                let status = tonic::Status::deadline_exceeded("the request did not arrive in time");
+                return Ok(wrap(status.into_http(), None));
+            };
+            let permit = match len.map(|n| budget.admit(n)) {
+                Some(Err(busy)) => {
+                    tracing::info!(error = %busy, "unary call refused before reading it");
+                    return Ok(wrap(to_status(&busy, &[]).into_http(), None));
+                }
+                Some(Ok(permit)) => Some(permit),
+                None => None, // no complete prefix: tonic reports the error
+            };
+            let body = tonic::body::Body::new(Prefixed {
+                prefix: prefix.into(),
+                rest,
+            });
+            let resp = inner.call(http::Request::from_parts(parts, body)).await?;
+            Ok(wrap(resp, permit))
+        })
+    }
+}
+
+/// Reads the request body until the 5-byte gRPC message prefix is known;
+/// returns the frames read, the message length, and the rest of the body.
+async fn peek_prefix(
+    mut body: tonic::body::Body,
+) -> (
+    Vec<http_body::Frame<bytes::Bytes>>,
+    Option<usize>,
+    tonic::body::Body,
+) {
+    use http_body::Body as _;
+    let mut frames = Vec::new();
+    let mut head: Vec<u8> = Vec::with_capacity(5);
+    while head.len() < 5 {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let Some(Ok(frame)) = next else { break };
+        if let Some(data) = frame.data_ref() {
+            let want = 5 - head.len();
+            head.extend_from_slice(data.get(..want.min(data.len())).unwrap_or_default());
+        }
+        frames.push(frame);
+    }
+    let len = <[u8; 4]>::try_from(head.get(1..5).unwrap_or_default())
+        .ok()
+        .map(|b| u32::from_be_bytes(b) as usize);
+    (frames, len, body)
+}
+
+/// A request body that replays the frames read while peeking, then the
+/// rest.
+struct Prefixed {
+    prefix: std::collections::VecDeque<http_body::Frame<bytes::Bytes>>,
+    rest: tonic::body::Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(frame) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+/// A response body that holds a budget reservation until it is dropped.
+#[derive(Debug)]
+pub struct Permitted<B> {
+    inner: B,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Permitted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
