@@ -32,7 +32,6 @@ const REPLY_FIELD_OVERHEAD: usize = 2048 + 16;
 pub struct KeyServiceImpl {
     keyring: Arc<Keyring>,
     config: ServiceConfig,
-    rng: SystemRandom,
     streams: Streams,
 }
 
@@ -43,7 +42,6 @@ impl KeyServiceImpl {
             streams: Streams::new(Arc::clone(&keyring), config),
             keyring,
             config,
-            rng: SystemRandom::new(),
         }
     }
 
@@ -107,21 +105,15 @@ impl KeyServiceImpl {
                        accepts: use WrapStream (or `kms-sidecar client wrap`) for larger data",
             });
         }
-        let context = EncryptionContext::from_request(
+        let (key_id, sealer, header) = start_envelope(
+            &self.keyring,
+            &self.config,
+            &req.key_id,
             std::mem::take(&mut req.encryption_context),
-            self.config.limits.max_context_bytes,
-        )?;
-        let key_id = self.keyring.resolve(&req.key_id)?.to_owned();
-        tracing::Span::current().record("key_id", key_id.as_str());
-        let (data_key, edk) = self.keyring.generate_message_key(&key_id, &context).await?;
-        let envelope = envelope::seal(
-            &data_key,
-            context,
-            vec![edk],
             self.config.frame_length,
-            &req.plaintext,
-            &self.rng,
-        )?;
+        )
+        .await?;
+        let envelope = sealer.seal_all(header, &req.plaintext)?;
         let reply = envelope.len() + key_id.len() + REPLY_FIELD_OVERHEAD;
         if reply > self.config.max_message_bytes {
             return Err(Error::PayloadTooLarge {
@@ -153,6 +145,34 @@ impl KeyServiceImpl {
             encryption_context: parsed.header.context.to_hash_map(),
         })
     }
+}
+
+/// Starts a new envelope for Wrap or WrapStream: validates the context,
+/// resolves the key, gets a fresh data key and derives the message key.
+/// Returns the key ID, the sealer and the serialized header.
+///
+/// # Errors
+/// Invalid context or key, and KMS errors.
+pub(crate) async fn start_envelope(
+    keyring: &Keyring,
+    config: &ServiceConfig,
+    requested_key: &str,
+    encryption_context: std::collections::HashMap<String, String>,
+    frame_length: u32,
+) -> Result<(String, envelope::Sealer, Vec<u8>), Error> {
+    let context =
+        EncryptionContext::from_request(encryption_context, config.limits.max_context_bytes)?;
+    let key_id = keyring.resolve(requested_key)?.to_owned();
+    tracing::Span::current().record("key_id", key_id.as_str());
+    let (data_key, edk) = keyring.generate_message_key(&key_id, &context).await?;
+    let (sealer, header) = envelope::Sealer::start(
+        &data_key,
+        context,
+        vec![edk],
+        frame_length,
+        &SystemRandom::new(),
+    )?;
+    Ok((key_id, sealer, header))
 }
 
 /// Logs a failed call (reason and class only) and converts it.

@@ -355,7 +355,7 @@ where
     S::Error: Send + 'static,
     ResB: Default + Send + 'static,
 {
-    type Response = http::Response<Permitted<ResB>>;
+    type Response = http::Response<Guarded<ResB, Option<tokio::sync::OwnedSemaphorePermit>>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -365,9 +365,9 @@ where
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let wrap = |resp: http::Response<ResB>, permit| {
-            resp.map(|inner| Permitted {
+            resp.map(|inner| Guarded {
                 inner,
-                _permit: permit,
+                _guard: permit,
             })
         };
         if !is_budgeted(req.uri().path()) {
@@ -458,33 +458,6 @@ impl http_body::Body for Prefixed {
     }
 }
 
-/// A response body that holds a budget reservation until it is dropped.
-#[derive(Debug)]
-pub struct Permitted<B> {
-    inner: B,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for Permitted<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// KeyService calls in progress and when the last one ended (health and
 /// reflection calls are not counted: probes must not keep a drain alive).
 #[derive(Debug)]
@@ -556,7 +529,7 @@ where
     S::Error: Send + 'static,
     ResB: Send + 'static,
 {
-    type Response = http::Response<TrackedBody<ResB>>;
+    type Response = http::Response<Guarded<ResB, Option<ActivityGuard>>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -573,7 +546,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| TrackedBody {
+            Ok(resp.map(|inner| Guarded {
                 inner,
                 _guard: guard,
             }))
@@ -581,14 +554,15 @@ where
     }
 }
 
-/// A response body that keeps its call counted until it is dropped.
+/// A response body that holds `G` (an activity count, a budget
+/// reservation) until the body is dropped, that is until the call ends.
 #[derive(Debug)]
-pub struct TrackedBody<B> {
+pub struct Guarded<B, G> {
     inner: B,
-    _guard: Option<ActivityGuard>,
+    _guard: G,
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for Guarded<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -25,7 +25,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use crate::config::ServiceConfig;
-use crate::envelope::{self, ContentType, EncryptionContext, Opener, Sealer};
+use crate::envelope::{self, ContentType, EncryptionContext, Opener};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::{
@@ -283,21 +283,14 @@ impl Streams {
                 )));
             }
         };
-        let context = EncryptionContext::from_request(
+        let (key_id, mut sealer, header) = crate::api::start_envelope(
+            &self.keyring,
+            &self.config,
+            &first.key_id,
             first.encryption_context,
-            self.config.limits.max_context_bytes,
-        )?;
-        let key_id = self.keyring.resolve(&first.key_id)?.to_owned();
-        tracing::Span::current().record("key_id", key_id.as_str());
-        let (data_key, edk) = self.keyring.generate_message_key(&key_id, &context).await?;
-        let (mut sealer, header) = Sealer::start(
-            &data_key,
-            context,
-            vec![edk],
             frame_length,
-            &ring::rand::SystemRandom::new(),
-        )?;
-        drop(data_key);
+        )
+        .await?;
         out.send(WrapStreamResponse {
             chunk: header,
             key_id,

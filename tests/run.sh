@@ -35,6 +35,20 @@ if [ ! -x "$lint/bin/python" ] || [ "$(cat "$lint_stamp" 2>/dev/null)" != "$lint
 fi
 export KMS_SIDECAR_LINT_VENV=$lint
 
+step "Supply chain: one crypto library (ring), one HTTP stack (deny.toml bans)"
+for banned in aws-lc-sys aws-lc-rs openssl-sys native-tls; do
+    if cargo tree --locked -e normal -i "$banned" >/dev/null 2>&1; then
+        echo "banned crate in the dependency graph: $banned (see deny.toml)"
+        cargo tree --locked -e normal -i "$banned"
+        exit 1
+    fi
+done
+if cargo tree --locked -e normal -i hyper@0.14 >/dev/null 2>&1; then
+    echo "legacy hyper 0.14 in the dependency graph (see deny.toml)"
+    exit 1
+fi
+echo "ok: ring only, hyper 1 only"
+
 step "Format, lints, docs"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings

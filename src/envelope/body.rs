@@ -232,19 +232,39 @@ pub fn seal(
     plaintext: &[u8],
     rng: &dyn SecureRandom,
 ) -> Result<Vec<u8>, Error> {
-    let (mut sealer, header) =
+    let (sealer, header) =
         Sealer::start(data_key, context, encrypted_data_keys, frame_length, rng)?;
-    let total = framed_message_len(header.len() as u64, plaintext.len() as u64, frame_length);
-    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    out.extend_from_slice(&header);
-    let frame = sealer.frame_length();
-    let regular = plaintext.len().saturating_sub(1) / frame;
-    let (full, last) = plaintext.split_at(regular * frame);
-    for chunk in full.chunks_exact(frame) {
-        sealer.seal_frame(chunk, &mut out)?;
+    sealer.seal_all(header, plaintext)
+}
+
+impl Sealer {
+    /// Completes the message started by [`Sealer::start`] (whose `header`
+    /// it was given) with all of `plaintext`: full regular frames, then the
+    /// final frame with the rest.
+    ///
+    /// # Errors
+    /// As [`Sealer::seal_frame`].
+    pub fn seal_all(mut self, header: Vec<u8>, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        let total = framed_message_len(
+            header.len() as u64,
+            plaintext.len() as u64,
+            self.frame_length,
+        );
+        let mut out = header;
+        out.reserve_exact(
+            usize::try_from(total)
+                .unwrap_or(0)
+                .saturating_sub(out.len()),
+        );
+        let frame = self.frame_length();
+        let regular = plaintext.len().saturating_sub(1) / frame;
+        let (full, last) = plaintext.split_at(regular * frame);
+        for chunk in full.chunks_exact(frame) {
+            self.seal_frame(chunk, &mut out)?;
+        }
+        self.seal_final(last, &mut out)?;
+        Ok(out)
     }
-    sealer.seal_final(last, &mut out)?;
-    Ok(out)
 }
 
 /// What [`Opener::open_next`] did.
