@@ -130,21 +130,38 @@ impl KeyServiceImpl {
         let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
             .ok_or(Error::auth("envelope shorter than its header"))?;
         let supplied = EncryptionContext::from_pairs(req.encryption_context);
-        if !parsed.header.context.matches_ignoring_reserved(&supplied) {
-            return Err(Error::auth("encryption context differs"));
-        }
-        let (data_key, key_id) = self
-            .keyring
-            .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
-            .await?;
-        tracing::Span::current().record("key_id", key_id.as_str());
-        let plaintext = envelope::open(&parsed, &data_key, &req.envelope)?;
+        let (opener, key_id) = open_header(&self.keyring, &parsed, &supplied).await?;
+        let body = req.envelope.get(parsed.len..).unwrap_or_default();
+        let plaintext = opener.open_all(body)?;
         Ok(UnwrapResponse {
             plaintext,
             key_id,
             encryption_context: parsed.header.context.to_hash_map(),
         })
     }
+}
+
+/// Opens a parsed header for Unwrap or UnwrapStream: the supplied context
+/// must equal the envelope's; a configured key recovers the data key; the
+/// key commitment and header tag are verified. Returns the body opener and
+/// the key ID.
+///
+/// # Errors
+/// [`Error::DecryptAuthFailed`] for a context mismatch or any
+/// authentication failure; KMS errors as classified.
+pub(crate) async fn open_header(
+    keyring: &Keyring,
+    parsed: &envelope::ParsedHeader,
+    supplied: &EncryptionContext,
+) -> Result<(envelope::Opener, String), Error> {
+    if !parsed.header.context.matches_ignoring_reserved(supplied) {
+        return Err(Error::auth("encryption context differs"));
+    }
+    let (data_key, key_id) = keyring
+        .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
+        .await?;
+    tracing::Span::current().record("key_id", key_id.as_str());
+    Ok((envelope::Opener::new(parsed, &data_key)?, key_id))
 }
 
 /// Starts a new envelope for Wrap or WrapStream: validates the context,

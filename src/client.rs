@@ -160,25 +160,58 @@ where
         chunk: Vec::new(),
     };
     let (requests, reader) = request_stream(input, chunk, first, |m, c| m.chunk = c);
-    let mut client = KeyServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let mut responses = client
+    let responses = streaming_client(channel)
         .wrap_stream(requests)
         .await
         .map_err(ClientError::Rpc)?
         .into_inner();
-    let mut used_key = String::new();
-    while let Some(msg) = responses.next().await {
-        let msg = msg.map_err(ClientError::Rpc)?;
-        if !msg.key_id.is_empty() {
-            used_key = msg.key_id;
-        }
-        output.write_all(&msg.chunk).await?;
-    }
-    output.flush().await?;
+    let (used_key, _) = copy_responses(responses, output).await?;
     let total = reader.await.map_err(std::io::Error::other)??;
     Ok((used_key, total))
+}
+
+/// A client that accepts the large messages of streaming calls.
+fn streaming_client(channel: Channel) -> KeyServiceClient<Channel> {
+    KeyServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// A streaming response message: its key ID (first message only) and chunk.
+trait Chunked {
+    fn into_parts(self) -> (String, Vec<u8>);
+}
+
+impl Chunked for crate::proto::WrapStreamResponse {
+    fn into_parts(self) -> (String, Vec<u8>) {
+        (self.key_id, self.chunk)
+    }
+}
+
+impl Chunked for crate::proto::UnwrapStreamResponse {
+    fn into_parts(self) -> (String, Vec<u8>) {
+        (self.key_id, self.chunk)
+    }
+}
+
+/// Writes every response chunk to `output`; returns the key ID and the
+/// bytes written.
+async fn copy_responses<T: Chunked, W: AsyncWrite + Unpin>(
+    mut responses: tonic::Streaming<T>,
+    output: &mut W,
+) -> Result<(String, u64), ClientError> {
+    let mut used_key = String::new();
+    let mut written = 0u64;
+    while let Some(msg) = responses.next().await {
+        let (key_id, chunk) = msg.map_err(ClientError::Rpc)?.into_parts();
+        if !key_id.is_empty() {
+            used_key = key_id;
+        }
+        written += chunk.len() as u64;
+        output.write_all(&chunk).await?;
+    }
+    output.flush().await?;
+    Ok((used_key, written))
 }
 
 /// Streams an envelope from `input` through UnwrapStream into `output`;
@@ -203,27 +236,14 @@ where
         chunk: Vec::new(),
     };
     let (requests, reader) = request_stream(input, chunk, first, |m, c| m.chunk = c);
-    let mut client = KeyServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let mut responses = client
+    let responses = streaming_client(channel)
         .unwrap_stream(requests)
         .await
         .map_err(ClientError::Rpc)?
         .into_inner();
-    let mut used_key = String::new();
-    let mut written = 0u64;
-    while let Some(msg) = responses.next().await {
-        let msg = msg.map_err(ClientError::Rpc)?;
-        if !msg.key_id.is_empty() {
-            used_key = msg.key_id;
-        }
-        written += msg.chunk.len() as u64;
-        output.write_all(&msg.chunk).await?;
-    }
-    output.flush().await?;
+    let done = copy_responses(responses, output).await?;
     reader.await.map_err(std::io::Error::other)??;
-    Ok((used_key, written))
+    Ok(done)
 }
 
 /// [`unwrap_stream`] into a file that appears only if the whole envelope

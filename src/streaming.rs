@@ -25,7 +25,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use crate::config::ServiceConfig;
-use crate::envelope::{self, ContentType, EncryptionContext, Opener};
+use crate::envelope::{self, ContentType, EncryptionContext};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::proto::{
@@ -375,16 +375,8 @@ impl Streams {
                 None => return Err(Error::auth("envelope ends inside its header")),
             }
         };
-        if !parsed.header.context.matches_ignoring_reserved(&supplied) {
-            return Err(Error::auth("encryption context differs"));
-        }
-        let (data_key, key_id) = self
-            .keyring
-            .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
-            .await?;
-        tracing::Span::current().record("key_id", key_id.as_str());
-        let mut opener = Opener::new(&parsed, &data_key)?;
-        drop(data_key);
+        let (mut opener, key_id) =
+            crate::api::open_header(&self.keyring, &parsed, &supplied).await?;
         // Most bytes of one frame (or of non-framed content) held until its
         // tag verifies; checked once the header authenticated, so damage
         // to the header reads as damage, as in unary Unwrap.

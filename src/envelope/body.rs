@@ -531,32 +531,45 @@ impl<'a> Cursor<'a> {
 /// [`Error::DecryptAuthFailed`] for any authentication or format failure,
 /// including truncation and trailing bytes.
 pub fn open(parsed: &ParsedHeader, data_key: &DataKey, message: &[u8]) -> Result<Vec<u8>, Error> {
-    let mut opener = Opener::new(parsed, data_key)?;
-    let mut rest = message
+    let body = message
         .get(parsed.len..)
         .ok_or(Error::auth("message shorter than its header"))?;
-    let mut out = Vec::with_capacity(rest.len());
-    let result = loop {
-        match opener.open_next(rest, &mut out) {
-            Ok(Step::NeedMore) => break Err(Error::auth("message truncated")),
-            Ok(Step::Opened { consumed, last }) => {
-                rest = rest.get(consumed..).unwrap_or_default();
-                if last {
-                    break if rest.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(Error::auth("bytes after the final frame"))
-                    };
+    Opener::new(parsed, data_key)?.open_all(body)
+}
+
+impl Opener {
+    /// Opens a whole body (everything after the header), which must end
+    /// exactly with the final frame. On failure nothing is returned and
+    /// the partial plaintext is wiped.
+    ///
+    /// # Errors
+    /// [`Error::DecryptAuthFailed`] for any authentication or format
+    /// failure, truncation and trailing bytes included.
+    pub fn open_all(mut self, body: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut rest = body;
+        let mut out = Vec::with_capacity(rest.len());
+        let result = loop {
+            match self.open_next(rest, &mut out) {
+                Ok(Step::NeedMore) => break Err(Error::auth("message truncated")),
+                Ok(Step::Opened { consumed, last }) => {
+                    rest = rest.get(consumed..).unwrap_or_default();
+                    if last {
+                        break if rest.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(Error::auth("bytes after the final frame"))
+                        };
+                    }
                 }
+                Err(e) => break Err(e),
             }
-            Err(e) => break Err(e),
-        }
-    };
-    match result {
-        Ok(()) => Ok(out),
-        Err(e) => {
-            zeroize::Zeroize::zeroize(&mut out);
-            Err(e)
+        };
+        match result {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                zeroize::Zeroize::zeroize(&mut out);
+                Err(e)
+            }
         }
     }
 }
