@@ -280,6 +280,15 @@ impl KeyService for KeyServiceImpl {
     }
 }
 
+/// Shows the length of secret bytes, never the bytes.
+struct Redacted(usize);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<redacted, {} bytes>", self.0)
+    }
+}
+
 // Redacted Debug for the messages that carry plaintext or data keys
 // (build.rs skips the derived Debug for them).
 
@@ -287,10 +296,7 @@ impl std::fmt::Debug for GenerateDataKeyResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GenerateDataKeyResponse")
             .field("key_id", &self.key_id)
-            .field(
-                "plaintext",
-                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field(
                 "ciphertext_blob",
                 &format_args!("<{} bytes>", self.ciphertext_blob.len()),
@@ -303,10 +309,7 @@ impl std::fmt::Debug for WrapRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WrapRequest")
             .field("key_id", &self.key_id)
-            .field(
-                "plaintext",
-                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field(
                 "encryption_context_keys",
                 &self.encryption_context.keys().collect::<Vec<_>>(),
@@ -320,10 +323,7 @@ impl std::fmt::Debug for WrapStreamRequest {
         f.debug_struct("WrapStreamRequest")
             .field("key_id", &self.key_id)
             .field("frame_length", &self.frame_length)
-            .field(
-                "chunk",
-                &format_args!("<redacted, {} bytes>", self.chunk.len()),
-            )
+            .field("chunk", &Redacted(self.chunk.len()))
             .finish_non_exhaustive()
     }
 }
@@ -332,10 +332,7 @@ impl std::fmt::Debug for UnwrapStreamResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UnwrapStreamResponse")
             .field("key_id", &self.key_id)
-            .field(
-                "chunk",
-                &format_args!("<redacted, {} bytes>", self.chunk.len()),
-            )
+            .field("chunk", &Redacted(self.chunk.len()))
             .finish_non_exhaustive()
     }
 }
@@ -344,14 +341,34 @@ impl std::fmt::Debug for UnwrapResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UnwrapResponse")
             .field("key_id", &self.key_id)
-            .field(
-                "plaintext",
-                &format_args!("<redacted, {} bytes>", self.plaintext.len()),
-            )
+            .field("plaintext", &Redacted(self.plaintext.len()))
             .field(
                 "encryption_context_keys",
                 &self.encryption_context.keys().collect::<Vec<_>>(),
             )
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_carrying_messages_debug_without_bytes() {
+        let req = WrapRequest {
+            key_id: "k".into(),
+            plaintext: b"TOP-SECRET".to_vec(),
+            encryption_context: [("tenant".to_owned(), "acme-value".to_owned())].into(),
+        };
+        let shown = format!("{req:?}");
+        assert!(shown.contains("<redacted, 10 bytes>") && shown.contains("tenant"));
+        assert!(!shown.contains("TOP-SECRET") && !shown.contains("acme-value"));
+        let dk = GenerateDataKeyResponse {
+            key_id: "k".into(),
+            plaintext: vec![0x41; 32],
+            ciphertext_blob: vec![1; 8],
+        };
+        assert!(!format!("{dk:?}").contains("65, 65"));
     }
 }

@@ -163,6 +163,20 @@ async fn drain<M>(input: &mut Streaming<M>, idle: Duration) {
 /// Longest time a failed call keeps discarding request messages.
 const MAX_DRAIN: Duration = Duration::from_secs(30);
 
+/// Reads the first request message within `wait`; an empty stream is a
+/// caller error naming what the first message must carry.
+async fn first_message<M>(
+    input: &mut Streaming<M>,
+    wait: Duration,
+    carries: &str,
+) -> Result<M, Error> {
+    next(input, wait).await?.ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "empty request stream: the first message must carry the {carries}"
+        ))
+    })
+}
+
 /// Reads the next request message within `wait`.
 async fn next<M>(input: &mut Streaming<M>, wait: Duration) -> Result<Option<M>, Error> {
     match tokio::time::timeout(wait, input.message()).await {
@@ -267,13 +281,7 @@ impl Streams {
         out: &Sender<WrapStreamResponse>,
     ) -> Result<(), Error> {
         let streams = self.config.streams;
-        let first = next(input, streams.first_message_timeout)
-            .await?
-            .ok_or_else(|| {
-                Error::InvalidRequest(
-                    "empty request stream: the first message must carry the parameters".into(),
-                )
-            })?;
+        let first = first_message(input, streams.first_message_timeout, "parameters").await?;
         let frame_length = match first.frame_length {
             0 => self.config.frame_length,
             n @ 1..=MAX_WRAP_FRAME_LENGTH => n,
@@ -352,13 +360,7 @@ impl Streams {
         context_keys: &mut Vec<String>,
     ) -> Result<(), Error> {
         let streams = self.config.streams;
-        let first = next(input, streams.first_message_timeout)
-            .await?
-            .ok_or_else(|| {
-                Error::InvalidRequest(
-                    "empty request stream: the first message must carry the context".into(),
-                )
-            })?;
+        let first = first_message(input, streams.first_message_timeout, "context").await?;
         context_keys.extend(first.encryption_context.keys().cloned());
         context_keys.sort();
         let supplied = EncryptionContext::from_pairs(first.encryption_context);
