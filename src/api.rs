@@ -9,12 +9,15 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroize;
 
+use crate::cache::{DataKeyCache, Materials};
 use crate::config::ServiceConfig;
 use crate::envelope::{self, EncryptionContext};
 use crate::error::Error;
 use crate::keyring::Keyring;
+use crate::proto::admin_service_server::AdminService;
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
+    CacheStats, FlushCacheRequest, FlushCacheResponse, GetCacheStatsRequest,
     GenerateDataKeyRequest, GenerateDataKeyResponse, UnwrapRequest, UnwrapResponse,
     UnwrapStreamRequest, UnwrapStreamResponse, WrapRequest, WrapResponse, WrapStreamRequest,
     WrapStreamResponse,
@@ -30,17 +33,17 @@ const REPLY_FIELD_OVERHEAD: usize = 2048 + 16;
 /// The service, cheap to clone (one per listener).
 #[derive(Debug, Clone)]
 pub struct KeyServiceImpl {
-    keyring: Arc<Keyring>,
+    materials: Arc<Materials>,
     config: ServiceConfig,
     streams: Streams,
 }
 
 impl KeyServiceImpl {
-    /// A service over `keyring` with `config`'s limits.
-    pub fn new(keyring: Arc<Keyring>, config: ServiceConfig) -> Self {
+    /// A service over `materials` with `config`'s limits.
+    pub fn new(materials: Arc<Materials>, config: ServiceConfig) -> Self {
         Self {
-            streams: Streams::new(Arc::clone(&keyring), config),
-            keyring,
+            streams: Streams::new(Arc::clone(&materials), config),
+            materials,
             config,
         }
     }
@@ -62,13 +65,13 @@ impl KeyServiceImpl {
             req.encryption_context,
             self.config.limits.max_context_bytes,
         )?;
-        let key_id = self.keyring.resolve(&req.key_id)?;
+        let keyring = self.materials.keyring();
+        let key_id = keyring.resolve(&req.key_id)?;
         tracing::Span::current().record("key_id", key_id);
-        let generated = self
-            .keyring
+        let generated = keyring
             .generate(key_id, &context, n as usize, !req.without_plaintext)
             .await?;
-        let ciphertext_blob = match &*self.keyring {
+        let ciphertext_blob = match keyring {
             // KMS: the CiphertextBlob itself, so kms:Decrypt opens it.
             Keyring::AwsKms(_) => generated.encrypted.ciphertext,
             // Local: the self-describing ESDK encrypted-data-key structure.
@@ -106,11 +109,12 @@ impl KeyServiceImpl {
             });
         }
         let (key_id, sealer, header) = start_envelope(
-            &self.keyring,
+            &self.materials,
             &self.config,
             &req.key_id,
             std::mem::take(&mut req.encryption_context),
             self.config.frame_length,
+            Some(req.plaintext.len() as u64),
         )
         .await?;
         let envelope = sealer.seal_all(header, &req.plaintext)?;
@@ -130,7 +134,7 @@ impl KeyServiceImpl {
         let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
             .ok_or(Error::auth("envelope shorter than its header"))?;
         let supplied = EncryptionContext::from_pairs(req.encryption_context);
-        let (opener, key_id) = open_header(&self.keyring, &parsed, &supplied).await?;
+        let (opener, key_id) = open_header(&self.materials, &parsed, &supplied).await?;
         let body = req.envelope.get(parsed.len..).unwrap_or_default();
         let plaintext = opener.open_all(body)?;
         Ok(UnwrapResponse {
@@ -138,6 +142,58 @@ impl KeyServiceImpl {
             key_id,
             encryption_context: parsed.header.context.to_hash_map(),
         })
+    }
+}
+
+/// The `kms_sidecar.v1.AdminService`: cache flush and counters.
+#[derive(Debug, Clone)]
+pub struct AdminServiceImpl {
+    materials: Arc<Materials>,
+}
+
+impl AdminServiceImpl {
+    /// The admin service over the same materials as the KeyService.
+    pub fn new(materials: Arc<Materials>) -> Self {
+        Self { materials }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminServiceImpl {
+    async fn flush_cache(
+        &self,
+        _request: Request<FlushCacheRequest>,
+    ) -> Result<Response<FlushCacheResponse>, Status> {
+        let flushed = self.materials.cache().map_or(0, DataKeyCache::flush);
+        tracing::info!(flushed, "data-key cache flushed");
+        Ok(Response::new(FlushCacheResponse {
+            flushed: flushed as u64,
+        }))
+    }
+
+    async fn get_cache_stats(
+        &self,
+        _request: Request<GetCacheStatsRequest>,
+    ) -> Result<Response<CacheStats>, Status> {
+        let Some(cache) = self.materials.cache() else {
+            return Ok(Response::new(CacheStats::default()));
+        };
+        let s = cache.stats();
+        Ok(Response::new(CacheStats {
+            enabled: true,
+            encrypt_hits: s.encrypt_hits,
+            encrypt_misses: s.encrypt_misses,
+            decrypt_hits: s.decrypt_hits,
+            decrypt_misses: s.decrypt_misses,
+            evicted_age: s.evicted_age,
+            evicted_messages: s.evicted_messages,
+            evicted_bytes: s.evicted_bytes,
+            evicted_capacity: s.evicted_capacity,
+            evicted_flush: s.evicted_flush,
+            encrypt_entries: s.encrypt_entries,
+            decrypt_entries: s.decrypt_entries,
+            kms_calls_saved: s.kms_calls_saved(),
+        }))
     }
 }
 
@@ -150,42 +206,49 @@ impl KeyServiceImpl {
 /// [`Error::DecryptAuthFailed`] for a context mismatch or any
 /// authentication failure; KMS errors as classified.
 pub(crate) async fn open_header(
-    keyring: &Keyring,
+    materials: &Materials,
     parsed: &envelope::ParsedHeader,
     supplied: &EncryptionContext,
 ) -> Result<(envelope::Opener, String), Error> {
     if !parsed.header.context.matches_ignoring_reserved(supplied) {
         return Err(Error::auth("encryption context differs"));
     }
-    let (data_key, key_id) = keyring
-        .decrypt_message_key(&parsed.header.encrypted_data_keys, &parsed.header.context)
+    let material = materials
+        .for_decrypt(&parsed.header.encrypted_data_keys, &parsed.header.context)
         .await?;
-    tracing::Span::current().record("key_id", key_id.as_str());
-    Ok((envelope::Opener::new(parsed, &data_key)?, key_id))
+    tracing::Span::current().record("key_id", material.key_id.as_str());
+    Ok((
+        envelope::Opener::new(parsed, &material.data_key)?,
+        material.key_id.clone(),
+    ))
 }
 
 /// Starts a new envelope for Wrap or WrapStream: validates the context,
-/// resolves the key, gets a fresh data key and derives the message key.
-/// Returns the key ID, the sealer and the serialized header.
+/// resolves the key, gets a data key (cached when `plaintext_len` is known
+/// and the cache is on) and derives the message key. Returns the key ID,
+/// the sealer and the serialized header.
 ///
 /// # Errors
 /// Invalid context or key, and KMS errors.
 pub(crate) async fn start_envelope(
-    keyring: &Keyring,
+    materials: &Materials,
     config: &ServiceConfig,
     requested_key: &str,
     encryption_context: std::collections::HashMap<String, String>,
     frame_length: u32,
+    plaintext_len: Option<u64>,
 ) -> Result<(String, envelope::Sealer, Vec<u8>), Error> {
     let context =
         EncryptionContext::from_request(encryption_context, config.limits.max_context_bytes)?;
-    let key_id = keyring.resolve(requested_key)?.to_owned();
+    let key_id = materials.keyring().resolve(requested_key)?.to_owned();
     tracing::Span::current().record("key_id", key_id.as_str());
-    let (data_key, edk) = keyring.generate_message_key(&key_id, &context).await?;
+    let material = materials
+        .for_encrypt(&key_id, &context, plaintext_len)
+        .await?;
     let (sealer, header) = envelope::Sealer::start(
-        &data_key,
+        &material.data_key,
         context,
-        vec![edk],
+        vec![material.encrypted.clone()],
         frame_length,
         &SystemRandom::new(),
     )?;

@@ -158,6 +158,8 @@ where
         encryption_context,
         frame_length,
         chunk: Vec::new(),
+        // Unknown in general (pipes): such streams never use cached keys.
+        plaintext_length: None,
     };
     let (requests, reader) = request_stream(input, chunk, first, |m, c| m.chunk = c);
     let responses = streaming_client(channel)

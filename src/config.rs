@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::cache::CacheConfig;
 use crate::envelope::EnvelopeLimits;
+use crate::keyring::kms_client::KmsSettings;
 use crate::streaming::StreamConfig;
 
 /// Default gRPC address: loopback only.
@@ -336,6 +338,43 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub kms_timeout: Duration,
 
+    /// Attempts per KMS operation, the first included (1 = no retries).
+    /// Retries use the AWS SDK's exponential backoff with full jitter and
+    /// its retry budget.
+    #[arg(long, env = "KMS_SIDECAR_KMS_MAX_ATTEMPTS", default_value_t = 4)]
+    pub kms_max_attempts: u32,
+
+    /// Upper bound of the first KMS retry's jittered delay; it doubles for
+    /// each further retry (up to --kms-timeout).
+    #[arg(long, env = "KMS_SIDECAR_KMS_INITIAL_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
+    pub kms_initial_backoff: Duration,
+
+    /// Temporary AWS credentials (web identity / IRSA, SSO, container) are
+    /// refreshed this long before they expire. Keep it well under their
+    /// lifetime (STS issues at least 15 minutes).
+    #[arg(long, env = "KMS_SIDECAR_CREDENTIALS_REFRESH_MARGIN", default_value = "5m", value_parser = parse_duration)]
+    pub credentials_refresh_margin: Duration,
+
+    /// Data-key cache (aws-kms keyring): how long a data key is reused, for
+    /// Wrap (same key, same encryption context) and for Unwrap (same
+    /// encrypted data key and context). 0 turns the cache off.
+    #[arg(long, env = "KMS_SIDECAR_CACHE_MAX_AGE", default_value = "5m", value_parser = parse_duration)]
+    pub cache_max_age: Duration,
+
+    /// Data-key cache: most messages one cached data key may encrypt.
+    #[arg(long, env = "KMS_SIDECAR_CACHE_MAX_MESSAGES", default_value_t = 10_000)]
+    pub cache_max_messages: u64,
+
+    /// Data-key cache: most plaintext bytes one cached data key may
+    /// encrypt.
+    #[arg(long, env = "KMS_SIDECAR_CACHE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub cache_max_bytes: u64,
+
+    /// Data-key cache: most entries on each side (encrypt, decrypt); the
+    /// least recently used entry is evicted first.
+    #[arg(long, env = "KMS_SIDECAR_CACHE_CAPACITY", default_value_t = 1000)]
+    pub cache_capacity: usize,
+
     /// Group (numeric gid) that owns Unix sockets; default: the process's.
     #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_GROUP")]
     pub unix_socket_group: Option<u32>,
@@ -424,8 +463,8 @@ pub struct Config {
     pub keyring: KeyringConfig,
     /// Service limits and envelope parameters.
     pub service: ServiceConfig,
-    /// KMS operation timeout.
-    pub kms_timeout: Duration,
+    /// KMS timeout, retries and credential refresh.
+    pub kms: KmsSettings,
     /// Unix socket permission bits.
     pub unix_socket_mode: u32,
     /// Unix socket group.
@@ -486,7 +525,19 @@ impl std::fmt::Display for Config {
             "max-encryption-context-bytes = {}",
             svc.limits.max_context_bytes
         )?;
-        writeln!(f, "kms-timeout = {}", dur(self.kms_timeout))?;
+        writeln!(f, "kms-timeout = {}", dur(self.kms.timeout))?;
+        writeln!(f, "kms-max-attempts = {}", self.kms.max_attempts)?;
+        writeln!(f, "kms-initial-backoff = {}", dur(self.kms.initial_backoff))?;
+        writeln!(
+            f,
+            "credentials-refresh-margin = {}",
+            dur(self.kms.credentials_refresh_margin)
+        )?;
+        let cache = &svc.cache;
+        writeln!(f, "cache-max-age = {}", dur(cache.max_age))?;
+        writeln!(f, "cache-max-messages = {}", cache.max_messages)?;
+        writeln!(f, "cache-max-bytes = {}", cache.max_bytes)?;
+        writeln!(f, "cache-capacity = {}", cache.capacity)?;
         writeln!(f, "request-timeout = {}", dur(svc.request_timeout))?;
         writeln!(f, "unix-socket-mode = \"{:o}\"", self.unix_socket_mode)?;
         if let Some(g) = self.unix_socket_group {
@@ -555,6 +606,8 @@ pub struct ServiceConfig {
     /// the default key) that drives the KeyService health status; `None`
     /// disables it.
     pub health_probe_interval: Option<Duration>,
+    /// Data-key cache limits (used with the aws-kms keyring).
+    pub cache: CacheConfig,
 }
 
 impl ServiceConfig {
@@ -584,6 +637,7 @@ impl Default for ServiceConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             health_probe_interval: Some(Duration::from_secs(30)),
             request_timeout: Duration::from_secs(30),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -732,6 +786,16 @@ impl TryFrom<Args> for Config {
                 a.max_inflight_bytes, a.max_message_bytes
             ));
         }
+        if a.kms_max_attempts == 0 || a.kms_max_attempts > 10 {
+            return Err("--kms-max-attempts must be 1 to 10".into());
+        }
+        if a.cache_capacity == 0 || a.cache_max_messages == 0 || a.cache_max_bytes == 0 {
+            return Err(
+                "--cache-capacity, --cache-max-messages and --cache-max-bytes must be positive \
+                 (turn the cache off with --cache-max-age 0)"
+                    .into(),
+            );
+        }
         if a.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be at least 1".into());
         }
@@ -755,8 +819,19 @@ impl TryFrom<Args> for Config {
                     idle_timeout: a.stream_idle_timeout,
                     stall_timeout: a.stream_stall_timeout,
                 },
+                cache: CacheConfig {
+                    max_age: a.cache_max_age,
+                    max_messages: a.cache_max_messages,
+                    max_bytes: a.cache_max_bytes,
+                    capacity: a.cache_capacity,
+                },
             },
-            kms_timeout: a.kms_timeout,
+            kms: KmsSettings {
+                timeout: a.kms_timeout,
+                max_attempts: a.kms_max_attempts,
+                initial_backoff: a.kms_initial_backoff,
+                credentials_refresh_margin: a.credentials_refresh_margin,
+            },
             unix_socket_mode: a.unix_socket_mode,
             unix_socket_group: a.unix_socket_group,
             shutdown: ShutdownConfig {
@@ -864,7 +939,7 @@ mod tests {
         let c = Config::try_from(Cli::try_parse_from(merged).unwrap().serve).unwrap();
         assert_eq!(c.service.frame_length, 4096, "the command line wins");
         assert_eq!(c.listen.len(), 2, "the file fills the rest");
-        assert_eq!(c.kms_timeout, Duration::from_secs(2));
+        assert_eq!(c.kms.timeout, Duration::from_secs(2));
         // The effective configuration reads back as an equivalent file.
         let printed = c.to_string();
         std::fs::write(&file, &printed).unwrap();

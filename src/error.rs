@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-/// Everything that can go wrong while serving a request.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can go wrong while serving a request. `Clone` so that
+/// callers sharing one KMS call (the cache's single flight) share its
+/// error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A request field is out of range or malformed (caller error).
     #[error("{0}")]

@@ -13,6 +13,7 @@
 //! - [`streaming`]: WrapStream / UnwrapStream: frame-at-a-time, backpressure, stream limits.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
 //! - [`preflight`]: `kms-sidecar check`: which KMS permissions are needed, and granted.
+//! - [`cache`]: the data-key cache (ESDK caching materials manager semantics), single-flight.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
 //! - [`secret`]: the zeroizing, redacted types that hold plaintext keys.
@@ -22,6 +23,7 @@
 //! Dependencies point one way: `api` → `keyring`, `envelope` → `secret`, `error`.
 
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod envelope;
@@ -50,7 +52,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
-use aws_config::timeout::TimeoutConfig;
 
 use crate::config::{Config, KeyringConfig};
 use crate::keyring::{AwsKmsKeyring, Keyring, LocalKeyring};
@@ -85,7 +86,7 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
                 .map_err(|e| e.to_string())
         }
         KeyringConfig::AwsKms { key_ids } => {
-            let (client, _) = kms_client(config.kms_timeout, key_ids).await?;
+            let (client, _) = kms_client(&config.kms, key_ids).await?;
             let keyring = AwsKmsKeyring::resolve(client, key_ids)
                 .await
                 .map_err(|e| format!("cannot resolve the configured KMS keys: {e}"))?;
@@ -98,32 +99,23 @@ pub async fn build_keyring(config: &Config) -> Result<Keyring, String> {
 /// The AWS KMS client: credentials, Region and endpoint from the standard
 /// chain (environment, profile, web identity, container and instance
 /// metadata; `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_KMS`), one rustls-on-ring
-/// HTTPS stack, and the KMS timeout on every operation.
+/// HTTPS stack, and `settings` (timeout, retries, credential refresh).
 pub(crate) async fn kms_client(
-    timeout: std::time::Duration,
+    settings: &keyring::kms_client::KmsSettings,
     key_ids: &[String],
 ) -> Result<(aws_sdk_kms::Client, aws_config::SdkConfig), String> {
-    let http = keyring::aws_kms::https_client();
-    let timeouts = TimeoutConfig::builder()
-        .operation_timeout(timeout)
-        .operation_attempt_timeout(timeout)
-        .connect_timeout(timeout.min(std::time::Duration::from_secs(2)))
-        .build();
     let shared = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http)
-        .timeout_config(timeouts)
+        .http_client(keyring::aws_kms::https_client())
         .load()
         .await;
-    let mut kms = aws_sdk_kms::config::Builder::from(&shared);
-    if shared.region().is_none() {
-        // No Region configured: take it from the first key ARN.
-        let region = key_ids
-            .iter()
-            .find_map(|k| keyring::aws_kms::region_of_arn(k))
-            .ok_or("no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)")?;
-        kms = kms.region(aws_sdk_kms::config::Region::new(region.to_owned()));
+    let region = key_ids
+        .iter()
+        .find_map(|k| keyring::aws_kms::region_of_arn(k))
+        .map(str::to_owned);
+    if shared.region().is_none() && region.is_none() {
+        return Err("no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)".into());
     }
-    Ok((aws_sdk_kms::Client::from_conf(kms.build()), shared))
+    Ok((keyring::kms_client::build(&shared, settings, region), shared))
 }
 
 /// Runs the sidecar with `config` until `shutdown` resolves.

@@ -144,7 +144,7 @@ pub async fn run(config: &Config) -> Report {
             policy: None,
         };
     };
-    let (client, shared) = match crate::kms_client(config.kms_timeout, key_ids).await {
+    let (client, shared) = match crate::kms_client(&config.kms, key_ids).await {
         Ok(c) => c,
         Err(e) => {
             return Report {

@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
-use crate::api::KeyServiceImpl;
+use crate::api::{AdminServiceImpl, KeyServiceImpl};
+use crate::cache::{Clock, Materials};
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
 use crate::keyring::Keyring;
 use crate::proto::key_service_server::KeyServiceServer;
@@ -136,7 +138,25 @@ pub async fn serve(
     let prober = config
         .health_probe_interval
         .map(|every| tokio::spawn(probe_loop(Arc::clone(&keyring), health.clone(), every)));
-    let service = KeyServiceImpl::new(keyring, config);
+    let materials = Arc::new(Materials::new(keyring, config.cache, Clock::system()));
+    let sweeper = materials.cache().is_some().then(|| {
+        let materials = Arc::clone(&materials);
+        let every = config.cache.max_age.min(Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                if let Some(cache) = materials.cache() {
+                    cache.sweep();
+                }
+            }
+        })
+    });
+    if materials.cache().is_some() {
+        tracing::info!(config = ?config.cache, "data-key cache on");
+    }
+    let admin = AdminServiceImpl::new(Arc::clone(&materials));
+    let service = KeyServiceImpl::new(materials, config);
     let activity = Arc::new(Activity::default());
     let budget = Budget::new(config.max_inflight_bytes);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -164,6 +184,7 @@ pub async fn serve(
             .add_service(health_service.clone())
             .add_service(reflection_v1()?)
             .add_service(reflection_v1alpha()?)
+            .add_service(AdminServiceServer::new(admin.clone()))
             .add_service(
                 KeyServiceServer::new(service.clone())
                     .max_decoding_message_size(config.max_message_bytes)
@@ -193,6 +214,9 @@ pub async fn serve(
     shutdown.await;
     if let Some(prober) = prober {
         prober.abort();
+    }
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
     }
     health
         .set_not_serving::<KeyServiceServer<KeyServiceImpl>>()
@@ -270,6 +294,11 @@ async fn probe_loop(
                         .await;
                     serving = true;
                 }
+            }
+            // Throttling says KMS works and is busy: a readiness flip would
+            // only move load elsewhere and make the throttling worse.
+            Err(err) if err.class() == crate::error::ErrorClass::Throttled => {
+                tracing::info!(error = %err, "health probe throttled by KMS; status unchanged");
             }
             Err(err) => {
                 if serving {

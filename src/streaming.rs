@@ -27,7 +27,7 @@ use tonic::{Status, Streaming};
 use crate::config::ServiceConfig;
 use crate::envelope::{self, ContentType, EncryptionContext};
 use crate::error::Error;
-use crate::keyring::Keyring;
+use crate::cache::Materials;
 use crate::proto::{
     UnwrapStreamRequest, UnwrapStreamResponse, WrapStreamRequest, WrapStreamResponse,
 };
@@ -124,7 +124,7 @@ impl<T> tokio_stream::Stream for ResponseStream<T> {
 /// Runs streaming calls for the service.
 #[derive(Debug, Clone)]
 pub struct Streams {
-    keyring: Arc<Keyring>,
+    materials: Arc<Materials>,
     config: ServiceConfig,
     slots: Arc<Semaphore>,
 }
@@ -187,10 +187,10 @@ async fn next<M>(input: &mut Streaming<M>, wait: Duration) -> Result<Option<M>, 
 }
 
 impl Streams {
-    /// Streaming calls over `keyring` with `config`'s limits.
-    pub fn new(keyring: Arc<Keyring>, config: ServiceConfig) -> Self {
+    /// Streaming calls over `materials` with `config`'s limits.
+    pub fn new(materials: Arc<Materials>, config: ServiceConfig) -> Self {
         Self {
-            keyring,
+            materials,
             slots: Arc::new(Semaphore::new(config.streams.max_concurrent)),
             config,
         }
@@ -291,12 +291,14 @@ impl Streams {
                 )));
             }
         };
+        let declared = first.plaintext_length;
         let (key_id, mut sealer, header) = crate::api::start_envelope(
-            &self.keyring,
+            &self.materials,
             &self.config,
             &first.key_id,
             first.encryption_context,
             frame_length,
+            declared,
         )
         .await?;
         out.send(WrapStreamResponse {
@@ -308,6 +310,8 @@ impl Streams {
         let frame = frame_length as usize;
         let sealed_frame = frame + envelope::REGULAR_FRAME_OVERHEAD as usize;
         let mut pending = Pending::default();
+        let mut received = first.chunk.len() as u64;
+        check_declared(declared, received, false)?;
         pending.push(first.chunk);
         let mut sealed: Vec<u8> = Vec::new();
         let mut total: u64 = 0;
@@ -341,10 +345,15 @@ impl Streams {
                 }
             };
             match msg {
-                Some(msg) => pending.push(msg.chunk),
+                Some(msg) => {
+                    received += msg.chunk.len() as u64;
+                    check_declared(declared, received, false)?;
+                    pending.push(msg.chunk);
+                }
                 None => break,
             }
         }
+        check_declared(declared, received, true)?;
         let len = pending.len();
         total += len as u64;
         sealer.seal_final_with(len, &mut sealed, |o| pending.move_to(len, o))?;
@@ -378,7 +387,7 @@ impl Streams {
             }
         };
         let (mut opener, key_id) =
-            crate::api::open_header(&self.keyring, &parsed, &supplied).await?;
+            crate::api::open_header(&self.materials, &parsed, &supplied).await?;
         // Most bytes of one frame (or of non-framed content) held until its
         // tag verifies; checked once the header authenticated, so damage
         // to the header reads as damage, as in unary Unwrap.
@@ -623,6 +632,21 @@ fn unwrap_chunk(chunk: Vec<u8>) -> UnwrapStreamResponse {
     UnwrapStreamResponse {
         chunk,
         ..Default::default()
+    }
+}
+
+/// Holds a WrapStream to its declared `plaintext_length`: never more
+/// bytes, and at the end exactly as many.
+fn check_declared(declared: Option<u64>, received: u64, at_end: bool) -> Result<(), Error> {
+    match declared {
+        Some(d) if received > d || (at_end && received != d) => {
+            Err(Error::InvalidRequest(format!(
+                "the stream carried {received} plaintext bytes{} but declared plaintext_length {d}; \
+                 declare the exact length, or leave plaintext_length unset",
+                if at_end { "" } else { " so far" }
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kms_sidecar::api::KeyServiceImpl;
+use kms_sidecar::cache::{Clock, Materials};
 use kms_sidecar::config::ServiceConfig;
 use kms_sidecar::keyring::{Keyring, LocalKeyring};
 use kms_sidecar::proto::key_service_server::KeyService;
@@ -31,7 +32,12 @@ fn service() -> KeyServiceImpl {
         frame_length: 4096,
         ..ServiceConfig::default()
     };
-    KeyServiceImpl::new(Arc::new(Keyring::Local(Box::new(keyring))), config)
+    let materials = Materials::new(
+        Arc::new(Keyring::Local(Box::new(keyring))),
+        config.cache,
+        Clock::system(),
+    );
+    KeyServiceImpl::new(Arc::new(materials), config)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -282,7 +282,10 @@ fn credentials_failure(err: &(dyn std::error::Error + 'static)) -> Option<String
                     _,
                 ) => "the credentials configuration is invalid".into(),
                 aws_credential_types::provider::error::CredentialsError::ProviderError(_) => {
-                    "the credentials provider (for example STS) returned an error".into()
+                    std::error::Error::source(c).map_or_else(
+                        || "the credentials provider (for example STS) returned an error".into(),
+                        ToString::to_string,
+                    )
                 }
                 _ => "the credentials provider failed".into(),
             });

@@ -2,6 +2,7 @@
 //! ([`local`]). The service layer sees one [`Keyring`] and never knows which.
 
 pub mod aws_kms;
+pub mod kms_client;
 pub mod local;
 
 use ring::rand::SystemRandom;

@@ -18,8 +18,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 
+pub mod kms_proxy;
+
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use kms_sidecar::config::{ListenAddr, ServiceConfig};
+use kms_sidecar::keyring::kms_client::KmsSettings;
 use kms_sidecar::keyring::{AwsKmsKeyring, Keyring, LocalKeyring};
 use kms_sidecar::proto::key_service_client::KeyServiceClient;
 use kms_sidecar::secret::WrappingKey;
@@ -92,6 +95,25 @@ pub fn kms_client_for(endpoint: &str) -> aws_sdk_kms::Client {
         )
         .build();
     aws_sdk_kms::Client::from_conf(config)
+}
+
+/// A KMS keyring built the way the sidecar builds it (SDK retries, timeouts,
+/// credential refresh from [`KmsSettings`]), for `endpoint` with dummy
+/// credentials.
+pub async fn production_keyring(endpoint: &str, settings: &KmsSettings, key_ids: &[String]) -> Keyring {
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .http_client(kms_sidecar::keyring::aws_kms::https_client())
+        .load()
+        .await;
+    let client = kms_sidecar::keyring::kms_client::build(&shared, settings, None);
+    Keyring::AwsKms(
+        AwsKmsKeyring::resolve(client, key_ids)
+            .await
+            .expect("resolve keys"),
+    )
 }
 
 /// Creates a symmetric KMS key and returns its ARN.

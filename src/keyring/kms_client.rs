@@ -1,0 +1,249 @@
+//! The AWS KMS client: timeouts, the SDK's standard retries, and
+//! credentials that are refreshed ahead of their expiry.
+//!
+//! Retries are the SDK's: exponential backoff with full jitter, and a
+//! retry budget (the SDK's token bucket, one per client: [`RETRY_BUDGET`]
+//! tokens, a retry costs 5, a success returns 1), so a KMS outage never
+//! becomes a retry storm. Nothing here loops by hand.
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_config::SdkConfig;
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::{self, ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_kms::config::IdentityCache;
+use aws_sdk_kms::config::retry::RetryConfig;
+use aws_sdk_kms::config::timeout::TimeoutConfig;
+use aws_smithy_runtime::client::retries::{RetryPartition, TokenBucket};
+
+/// Tokens of the retry budget: with 5 per retry, at most 100 retries in a
+/// row without a success in between.
+pub const RETRY_BUDGET: usize = 500;
+
+/// How the sidecar talks to KMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KmsSettings {
+    /// Bound on one KMS operation, retries included.
+    pub timeout: Duration,
+    /// Attempts per operation, the first included (1 = no retries).
+    pub max_attempts: u32,
+    /// Upper bound of the first retry's jittered delay; it doubles per
+    /// retry.
+    pub initial_backoff: Duration,
+    /// Temporary credentials are refreshed this long before they expire.
+    pub credentials_refresh_margin: Duration,
+}
+
+impl Default for KmsSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(200),
+            credentials_refresh_margin: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A KMS client from `shared` (the standard chain's Region, endpoint and
+/// credentials) with `settings` applied; `region` is used when `shared`
+/// names none.
+pub fn build(shared: &SdkConfig, settings: &KmsSettings, region: Option<String>) -> aws_sdk_kms::Client {
+    let timeouts = TimeoutConfig::builder()
+        .operation_timeout(settings.timeout)
+        .operation_attempt_timeout(settings.timeout)
+        .connect_timeout(settings.timeout.min(Duration::from_secs(2)))
+        .build();
+    let retries = RetryConfig::standard()
+        .with_max_attempts(settings.max_attempts.max(1))
+        .with_initial_backoff(settings.initial_backoff)
+        .with_max_backoff(settings.timeout);
+    // A partition of its own: the SDK's default budget is shared by every
+    // client of the process.
+    let partition = RetryPartition::custom("kms-sidecar")
+        .token_bucket(TokenBucket::new(RETRY_BUDGET))
+        .build();
+    let mut kms = aws_sdk_kms::config::Builder::from(shared)
+        .timeout_config(timeouts)
+        .retry_config(retries)
+        .retry_partition(partition);
+    if let Some(inner) = shared.credentials_provider() {
+        // Our provider caches and refreshes ahead of expiry; the SDK's
+        // identity cache would only refresh 10 s ahead and fail the call
+        // when a refresh fails, even with valid credentials in hand.
+        kms = kms
+            .credentials_provider(RefreshingCredentials::new(
+                inner,
+                settings.credentials_refresh_margin,
+            ))
+            .identity_cache(IdentityCache::no_cache());
+    }
+    if shared.region().is_none()
+        && let Some(region) = region {
+            kms = kms.region(aws_sdk_kms::config::Region::new(region));
+        }
+    aws_sdk_kms::Client::from_conf(kms.build())
+}
+
+/// First and longest wait between failed refreshes.
+const REFRESH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// Credentials cached until `margin` before their expiry, then refreshed
+/// by one caller while the others go on with the still-valid ones. A failed
+/// refresh keeps the valid credentials in use and is retried with doubling
+/// delays; only once they have expired do calls fail.
+#[derive(Debug)]
+pub struct RefreshingCredentials {
+    inner: SharedCredentialsProvider,
+    margin: Duration,
+    current: RwLock<Option<Credentials>>,
+    refresh: tokio::sync::Mutex<Backoff>,
+}
+
+#[derive(Debug)]
+struct Backoff {
+    next_attempt: Option<Instant>,
+    delay: Duration,
+    last_error: String,
+}
+
+impl RefreshingCredentials {
+    /// Wraps `inner`.
+    pub fn new(inner: SharedCredentialsProvider, margin: Duration) -> Self {
+        Self {
+            inner,
+            margin,
+            current: RwLock::new(None),
+            refresh: tokio::sync::Mutex::new(Backoff {
+                next_attempt: None,
+                delay: REFRESH_BACKOFF.0,
+                last_error: String::new(),
+            }),
+        }
+    }
+
+    fn current(&self) -> Option<Credentials> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// `Fresh`: usable and outside the margin; `Valid`: usable, inside it.
+    fn state(&self, creds: &Credentials) -> Freshness {
+        match creds.expiry() {
+            None => Freshness::Fresh,
+            Some(expiry) => {
+                let now = SystemTime::now();
+                if expiry > now + self.margin {
+                    Freshness::Fresh
+                } else if expiry > now {
+                    Freshness::Valid
+                } else {
+                    Freshness::Expired
+                }
+            }
+        }
+    }
+
+    async fn load(&self) -> provider::Result {
+        let cached = self.current();
+        let usable = cached.filter(|c| self.state(c) != Freshness::Expired);
+        if let Some(c) = &usable
+            && self.state(c) == Freshness::Fresh {
+                return Ok(c.clone());
+            }
+        // Inside the margin or without credentials: one caller refreshes.
+        // With valid credentials in hand, the others do not wait for it.
+        let mut backoff = match (&usable, self.refresh.try_lock()) {
+            (_, Ok(guard)) => guard,
+            (Some(c), Err(_)) => return Ok(c.clone()),
+            (None, Err(_)) => self.refresh.lock().await,
+        };
+        // Someone else may have refreshed while we waited.
+        if let Some(c) = self.current().filter(|c| self.state(c) == Freshness::Fresh) {
+            return Ok(c);
+        }
+        let usable = self.current().filter(|c| self.state(c) != Freshness::Expired);
+        if backoff.next_attempt.is_some_and(|t| Instant::now() < t) {
+            return usable.ok_or_else(|| {
+                CredentialsError::provider_error(format!(
+                    "refreshing credentials failed and is retried with backoff: {}",
+                    backoff.last_error
+                ))
+            });
+        }
+        match self.inner.provide_credentials().await {
+            Ok(fresh) => {
+                if let Some(expiry) = fresh.expiry() {
+                    let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+                    tracing::info!(valid_for_s = left.as_secs(), "AWS credentials refreshed");
+                }
+                if let Ok(mut slot) = self.current.write() {
+                    *slot = Some(fresh.clone());
+                }
+                backoff.next_attempt = None;
+                backoff.delay = REFRESH_BACKOFF.0;
+                Ok(fresh)
+            }
+            Err(err) => {
+                let reason = upstream_code(&err);
+                backoff.last_error.clone_from(&reason);
+                backoff.next_attempt = Some(Instant::now() + backoff.delay);
+                tracing::warn!(
+                    error = %reason,
+                    retry_in_ms = backoff.delay.as_millis() as u64,
+                    still_valid = usable.is_some(),
+                    "refreshing AWS credentials failed"
+                );
+                backoff.delay = (backoff.delay * 2).min(REFRESH_BACKOFF.1);
+                match usable {
+                    Some(c) => Ok(c),
+                    None => Err(CredentialsError::provider_error(reason)),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Freshness {
+    Fresh,
+    Valid,
+    Expired,
+}
+
+impl ProvideCredentials for RefreshingCredentials {
+    fn provide_credentials<'a>(&'a self) -> provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        provider::future::ProvideCredentials::new(self.load())
+    }
+}
+
+/// A short, safe description of a credentials failure: the provider's
+/// error kind and, for STS answers, the error code (no upstream message
+/// text, which may quote request parameters).
+fn upstream_code(err: &CredentialsError) -> String {
+    let kind = match err {
+        CredentialsError::CredentialsNotLoaded(_) => "no credentials found",
+        CredentialsError::ProviderTimedOut(_) => "the credentials provider timed out",
+        CredentialsError::InvalidConfiguration(_) => "invalid credentials configuration",
+        CredentialsError::ProviderError(_) => "the credentials provider (for example STS) failed",
+        _ => "the credentials provider failed",
+    };
+    let full = aws_sdk_kms::error::DisplayErrorContext(err).to_string();
+    match error_code_in(&full) {
+        Some(code) => format!("{kind}: {code}"),
+        None => kind.to_owned(),
+    }
+}
+
+/// The `code: Some("...")` of an SDK error's debug rendering, if any.
+fn error_code_in(text: &str) -> Option<String> {
+    let rest = text.split("code: Some(\"").nth(1)?;
+    let code = rest.split('"').next()?;
+    code.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '.')
+        .then(|| code.to_owned())
+}
