@@ -17,8 +17,8 @@ use crate::keyring::Keyring;
 use crate::proto::admin_service_server::AdminService;
 use crate::proto::key_service_server::KeyService;
 use crate::proto::{
-    CacheStats, FlushCacheRequest, FlushCacheResponse, GetCacheStatsRequest,
-    GenerateDataKeyRequest, GenerateDataKeyResponse, UnwrapRequest, UnwrapResponse,
+    CacheStats, FlushCacheRequest, FlushCacheResponse, GenerateDataKeyRequest,
+    GenerateDataKeyResponse, GetCacheStatsRequest, UnwrapRequest, UnwrapResponse,
     UnwrapStreamRequest, UnwrapStreamResponse, WrapRequest, WrapResponse, WrapStreamRequest,
     WrapStreamResponse,
 };

@@ -83,9 +83,10 @@ impl Clock {
     /// Moves a manual clock forward (no effect on the system clock).
     pub fn advance(&self, by: Duration) {
         if let Some(m) = &self.manual
-            && let Ok(mut t) = m.lock() {
-                *t += by;
-            }
+            && let Ok(mut t) = m.lock()
+        {
+            *t += by;
+        }
     }
 
     fn now(&self) -> Duration {
@@ -346,7 +347,12 @@ impl DataKeyCache {
 
     /// Finds a usable entry, counting `usage` (plaintext bytes of one more
     /// message, encrypt side only), or evicts it if it is used up.
-    fn take<V: SideOf>(&self, inner: &mut Inner, key: &Digest, usage: Option<u64>) -> Option<Arc<V>> {
+    fn take<V: SideOf>(
+        &self,
+        inner: &mut Inner,
+        key: &Digest,
+        usage: Option<u64>,
+    ) -> Option<Arc<V>> {
         let now = self.clock.now();
         inner.tick += 1;
         let tick = inner.tick;
@@ -429,7 +435,12 @@ impl DataKeyCache {
 
     /// The entry for `key`, or `load`'s value, made once however many
     /// callers miss at the same time.
-    async fn get_or_load<V, F, Fut>(&self, key: Digest, usage: Option<u64>, load: F) -> Result<Arc<V>, Error>
+    async fn get_or_load<V, F, Fut>(
+        &self,
+        key: Digest,
+        usage: Option<u64>,
+        load: F,
+    ) -> Result<Arc<V>, Error>
     where
         V: SideOf,
         F: FnOnce() -> Fut,
@@ -468,9 +479,10 @@ impl DataKeyCache {
                 waited = true;
                 // Err: the leader was cancelled; look again.
                 if let Ok(outcome) = rx.wait_for(Option::is_some).await
-                    && let Some(Err(e)) = &*outcome {
-                        return Err(e.clone());
-                    }
+                    && let Some(Err(e)) = &*outcome
+                {
+                    return Err(e.clone());
+                }
             }
         };
         if let Some(c) = self.counters.misses.get(which) {

@@ -113,9 +113,14 @@ pub(crate) async fn kms_client(
         .find_map(|k| keyring::aws_kms::region_of_arn(k))
         .map(str::to_owned);
     if shared.region().is_none() && region.is_none() {
-        return Err("no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)".into());
+        return Err(
+            "no AWS Region: set AWS_REGION (or use key ARNs, which name their Region)".into(),
+        );
     }
-    Ok((keyring::kms_client::build(&shared, settings, region), shared))
+    Ok((
+        keyring::kms_client::build(&shared, settings, region),
+        shared,
+    ))
 }
 
 /// Runs the sidecar with `config` until `shutdown` resolves.

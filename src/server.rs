@@ -17,9 +17,9 @@ use tonic::transport::Server;
 
 use crate::api::{AdminServiceImpl, KeyServiceImpl};
 use crate::cache::{Clock, Materials};
-use crate::proto::admin_service_server::AdminServiceServer;
 use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
 use crate::keyring::Keyring;
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::status::to_status;
 

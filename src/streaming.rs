@@ -24,10 +24,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
+use crate::cache::Materials;
 use crate::config::ServiceConfig;
 use crate::envelope::{self, ContentType, EncryptionContext};
 use crate::error::Error;
-use crate::cache::Materials;
 use crate::proto::{
     UnwrapStreamRequest, UnwrapStreamResponse, WrapStreamRequest, WrapStreamResponse,
 };

@@ -110,7 +110,10 @@ async fn b05_throttled_three_times_then_succeeds_after_backoff() {
     // Full jitter: retry i waits a random part of initial × 2^i.
     for (i, gap) in gaps.iter().enumerate() {
         let cap = settings.initial_backoff * 2u32.pow(i as u32) + Duration::from_millis(100);
-        assert!(*gap <= cap, "retry {i} waited {gap:?}, over its cap {cap:?}");
+        assert!(
+            *gap <= cap,
+            "retry {i} waited {gap:?}, over its cap {cap:?}"
+        );
     }
     let total: Duration = gaps.iter().sum();
     assert!(
@@ -266,7 +269,12 @@ async fn b11_decrypt_denied_and_disabled_key() {
     wait_for_status(&r.sidecar, ServingStatus::Serving, interval * 3).await;
 
     r.proxy.inject(Some("Decrypt"), Fault::AccessDenied, None);
-    wait_for_status(&r.sidecar, ServingStatus::NotServing, interval * 2 + Duration::from_millis(500)).await;
+    wait_for_status(
+        &r.sidecar,
+        ServingStatus::NotServing,
+        interval * 2 + Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(
         health_status(&r.sidecar, "").await,
         ServingStatus::Serving as i32,
@@ -285,7 +293,12 @@ async fn b11_decrypt_denied_and_disabled_key() {
     assert!(err.message().contains(&r.arn), "{}", err.message());
 
     r.proxy.clear();
-    wait_for_status(&r.sidecar, ServingStatus::Serving, interval * 2 + Duration::from_millis(500)).await;
+    wait_for_status(
+        &r.sidecar,
+        ServingStatus::Serving,
+        interval * 2 + Duration::from_millis(500),
+    )
+    .await;
 
     r.proxy.inject(None, Fault::Disabled, None);
     let err = client
@@ -297,9 +310,19 @@ async fn b11_decrypt_denied_and_disabled_key() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(reason(&err), "KMS_KEY_DISABLED");
-    wait_for_status(&r.sidecar, ServingStatus::NotServing, interval * 2 + Duration::from_millis(500)).await;
+    wait_for_status(
+        &r.sidecar,
+        ServingStatus::NotServing,
+        interval * 2 + Duration::from_millis(500),
+    )
+    .await;
     r.proxy.clear();
-    wait_for_status(&r.sidecar, ServingStatus::Serving, interval * 2 + Duration::from_millis(500)).await;
+    wait_for_status(
+        &r.sidecar,
+        ServingStatus::Serving,
+        interval * 2 + Duration::from_millis(500),
+    )
+    .await;
 }
 
 /// B11 (C): a black hole (accepts, never answers). Calls end within the KMS
@@ -337,7 +360,12 @@ async fn b11_black_hole_ends_within_the_kms_timeout() {
         "took {took:?} for a {:?} KMS timeout",
         settings.timeout
     );
-    wait_for_status(&r.sidecar, ServingStatus::NotServing, Duration::from_secs(4)).await;
+    wait_for_status(
+        &r.sidecar,
+        ServingStatus::NotServing,
+        Duration::from_secs(4),
+    )
+    .await;
 }
 
 /// B11: the deep probe's KMS call rate does not follow the probe rate.

@@ -6,7 +6,7 @@
 //! tokens, a retry costs 5, a success returns 1), so a KMS outage never
 //! becomes a retry storm. Nothing here loops by hand.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_config::SdkConfig;
@@ -50,7 +50,11 @@ impl Default for KmsSettings {
 /// A KMS client from `shared` (the standard chain's Region, endpoint and
 /// credentials) with `settings` applied; `region` is used when `shared`
 /// names none.
-pub fn build(shared: &SdkConfig, settings: &KmsSettings, region: Option<String>) -> aws_sdk_kms::Client {
+pub fn build(
+    shared: &SdkConfig,
+    settings: &KmsSettings,
+    region: Option<String>,
+) -> aws_sdk_kms::Client {
     let timeouts = TimeoutConfig::builder()
         .operation_timeout(settings.timeout)
         .operation_attempt_timeout(settings.timeout)
@@ -81,29 +85,41 @@ pub fn build(shared: &SdkConfig, settings: &KmsSettings, region: Option<String>)
             .identity_cache(IdentityCache::no_cache());
     }
     if shared.region().is_none()
-        && let Some(region) = region {
-            kms = kms.region(aws_sdk_kms::config::Region::new(region));
-        }
+        && let Some(region) = region
+    {
+        kms = kms.region(aws_sdk_kms::config::Region::new(region));
+    }
     aws_sdk_kms::Client::from_conf(kms.build())
 }
+
+/// Credentials this close to expiry count as expired: a request signed
+/// now must still be valid when KMS checks it.
+const EXPIRY_SKEW: Duration = Duration::from_secs(2);
 
 /// First and longest wait between failed refreshes.
 const REFRESH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
 /// Credentials cached until `margin` before their expiry, then refreshed
-/// by one caller while the others go on with the still-valid ones. A failed
-/// refresh keeps the valid credentials in use and is retried with doubling
-/// delays; only once they have expired do calls fail.
-#[derive(Debug)]
+/// in the background while calls go on with the still-valid ones. A failed
+/// refresh is retried with doubling delays (never past half the remaining
+/// validity); only once the credentials have expired do calls wait for a
+/// refresh, and fail if it fails.
+#[derive(Debug, Clone)]
 pub struct RefreshingCredentials {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     inner: SharedCredentialsProvider,
     margin: Duration,
     current: RwLock<Option<Credentials>>,
-    refresh: tokio::sync::Mutex<Backoff>,
+    refresh: Arc<tokio::sync::Mutex<Backoff>>,
 }
 
 #[derive(Debug)]
 struct Backoff {
+    last_attempt: Option<Instant>,
     next_attempt: Option<Instant>,
     delay: Duration,
     last_error: String,
@@ -113,65 +129,94 @@ impl RefreshingCredentials {
     /// Wraps `inner`.
     pub fn new(inner: SharedCredentialsProvider, margin: Duration) -> Self {
         Self {
-            inner,
-            margin,
-            current: RwLock::new(None),
-            refresh: tokio::sync::Mutex::new(Backoff {
-                next_attempt: None,
-                delay: REFRESH_BACKOFF.0,
-                last_error: String::new(),
+            shared: Arc::new(Shared {
+                inner,
+                margin,
+                current: RwLock::new(None),
+                refresh: Arc::new(tokio::sync::Mutex::new(Backoff {
+                    last_attempt: None,
+                    next_attempt: None,
+                    delay: REFRESH_BACKOFF.0,
+                    last_error: String::new(),
+                })),
             }),
         }
     }
 
-    fn current(&self) -> Option<Credentials> {
-        self.current.read().ok().and_then(|c| c.clone())
+    async fn load(&self) -> provider::Result {
+        let shared = &self.shared;
+        match shared.usable() {
+            Some((c, Freshness::Fresh)) => return Ok(c),
+            Some((c, _)) => {
+                // Inside the margin: one background refresh at a time.
+                if let Ok(guard) = Arc::clone(&shared.refresh).try_lock_owned()
+                    && guard.next_attempt.is_none_or(|t| Instant::now() >= t)
+                {
+                    let shared = Arc::clone(shared);
+                    tokio::spawn(async move {
+                        let _ = shared.refresh(guard).await;
+                    });
+                }
+                return Ok(c);
+            }
+            None => {}
+        }
+        // No usable credentials. Before the first failure (at start), wait
+        // for the refresh. After a failure, fail fast with its reason while
+        // a background refresh retries (at most once a second), so calls
+        // never queue behind a slow or failing STS.
+        let Ok(guard) = Arc::clone(&shared.refresh).try_lock_owned() else {
+            let guard = shared.refresh.lock().await;
+            if let Some((c, _)) = shared.usable() {
+                return Ok(c);
+            }
+            return Err(CredentialsError::provider_error(guard.last_error.clone()));
+        };
+        if let Some((c, _)) = shared.usable() {
+            return Ok(c);
+        }
+        if guard.last_error.is_empty() {
+            return shared.refresh(guard).await;
+        }
+        let error = guard.last_error.clone();
+        if guard
+            .last_attempt
+            .is_none_or(|t| t.elapsed() >= REFRESH_BACKOFF.0)
+        {
+            let shared = Arc::clone(shared);
+            tokio::spawn(async move {
+                let _ = shared.refresh(guard).await;
+            });
+        }
+        Err(CredentialsError::provider_error(error))
     }
+}
 
-    /// `Fresh`: usable and outside the margin; `Valid`: usable, inside it.
-    fn state(&self, creds: &Credentials) -> Freshness {
-        match creds.expiry() {
+impl Shared {
+    /// The current credentials unless expired, with their freshness.
+    fn usable(&self) -> Option<(Credentials, Freshness)> {
+        let c = self.current.read().ok().and_then(|c| c.clone())?;
+        let freshness = match c.expiry() {
             None => Freshness::Fresh,
             Some(expiry) => {
                 let now = SystemTime::now();
                 if expiry > now + self.margin {
                     Freshness::Fresh
-                } else if expiry > now {
+                } else if expiry > now + EXPIRY_SKEW {
                     Freshness::Valid
                 } else {
                     Freshness::Expired
                 }
             }
-        }
+        };
+        (freshness != Freshness::Expired).then_some((c, freshness))
     }
 
-    async fn load(&self) -> provider::Result {
-        let cached = self.current();
-        let usable = cached.filter(|c| self.state(c) != Freshness::Expired);
-        if let Some(c) = &usable
-            && self.state(c) == Freshness::Fresh {
-                return Ok(c.clone());
-            }
-        // Inside the margin or without credentials: one caller refreshes.
-        // With valid credentials in hand, the others do not wait for it.
-        let mut backoff = match (&usable, self.refresh.try_lock()) {
-            (_, Ok(guard)) => guard,
-            (Some(c), Err(_)) => return Ok(c.clone()),
-            (None, Err(_)) => self.refresh.lock().await,
-        };
-        // Someone else may have refreshed while we waited.
-        if let Some(c) = self.current().filter(|c| self.state(c) == Freshness::Fresh) {
-            return Ok(c);
-        }
-        let usable = self.current().filter(|c| self.state(c) != Freshness::Expired);
-        if backoff.next_attempt.is_some_and(|t| Instant::now() < t) {
-            return usable.ok_or_else(|| {
-                CredentialsError::provider_error(format!(
-                    "refreshing credentials failed and is retried with backoff: {}",
-                    backoff.last_error
-                ))
-            });
-        }
+    async fn refresh(
+        &self,
+        mut backoff: tokio::sync::OwnedMutexGuard<Backoff>,
+    ) -> provider::Result {
+        backoff.last_attempt = Some(Instant::now());
         match self.inner.provide_credentials().await {
             Ok(fresh) => {
                 if let Some(expiry) = fresh.expiry() {
@@ -183,23 +228,34 @@ impl RefreshingCredentials {
                 }
                 backoff.next_attempt = None;
                 backoff.delay = REFRESH_BACKOFF.0;
+                backoff.last_error.clear();
                 Ok(fresh)
             }
             Err(err) => {
                 let reason = upstream_code(&err);
                 backoff.last_error.clone_from(&reason);
-                backoff.next_attempt = Some(Instant::now() + backoff.delay);
+                let usable = self.usable().map(|(c, _)| c);
+                // Never wait past half of the remaining validity, so that
+                // a recovered STS is used before the credentials expire.
+                let left = usable
+                    .as_ref()
+                    .and_then(Credentials::expiry)
+                    .and_then(|e| e.duration_since(SystemTime::now() + EXPIRY_SKEW).ok())
+                    .unwrap_or(backoff.delay * 2);
+                let delay = if usable.is_some() {
+                    backoff.delay.min(left / 2).max(Duration::from_millis(100))
+                } else {
+                    REFRESH_BACKOFF.0
+                };
+                backoff.next_attempt = Some(Instant::now() + delay);
+                backoff.delay = (backoff.delay * 2).min(REFRESH_BACKOFF.1);
                 tracing::warn!(
                     error = %reason,
-                    retry_in_ms = backoff.delay.as_millis() as u64,
+                    retry_in_ms = delay.as_millis() as u64,
                     still_valid = usable.is_some(),
                     "refreshing AWS credentials failed"
                 );
-                backoff.delay = (backoff.delay * 2).min(REFRESH_BACKOFF.1);
-                match usable {
-                    Some(c) => Ok(c),
-                    None => Err(CredentialsError::provider_error(reason)),
-                }
+                Err(CredentialsError::provider_error(reason))
             }
         }
     }

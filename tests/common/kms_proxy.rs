@@ -52,6 +52,7 @@ struct Rule {
 pub struct Call {
     pub operation: String,
     pub at: Instant,
+    pub wall: SystemTime,
     /// The access key ID in the SigV4 Authorization header (KMS calls).
     pub access_key: String,
     /// The WebIdentityToken parameter (STS calls).
@@ -172,12 +173,7 @@ impl KmsProxy {
 
     /// The expiry of credentials issued with `access_key`.
     pub fn expiry_of(&self, access_key: &str) -> Option<SystemTime> {
-        self.state
-            .lock()
-            .unwrap()
-            .issued
-            .get(access_key)
-            .copied()
+        self.state.lock().unwrap().issued.get(access_key).copied()
     }
 }
 
@@ -271,9 +267,14 @@ async fn handle(
     state: Arc<Mutex<State>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let at = Instant::now();
+    let wall = SystemTime::now();
     let access_key = access_key_of(&req);
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let operation = operation_of(&parts.headers, &body);
     let token = form_param(&body, "WebIdentityToken").unwrap_or_default();
     let is_sts = operation == "AssumeRoleWithWebIdentity";
@@ -285,6 +286,7 @@ async fn handle(
         state.lock().unwrap().calls.push(Call {
             operation: operation.clone(),
             at,
+            wall,
             access_key: access_key.clone(),
             token: token.clone(),
             status,

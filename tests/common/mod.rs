@@ -100,7 +100,11 @@ pub fn kms_client_for(endpoint: &str) -> aws_sdk_kms::Client {
 /// A KMS keyring built the way the sidecar builds it (SDK retries, timeouts,
 /// credential refresh from [`KmsSettings`]), for `endpoint` with dummy
 /// credentials.
-pub async fn production_keyring(endpoint: &str, settings: &KmsSettings, key_ids: &[String]) -> Keyring {
+pub async fn production_keyring(
+    endpoint: &str,
+    settings: &KmsSettings,
+    key_ids: &[String],
+) -> Keyring {
     let shared = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(REGION))
         .endpoint_url(endpoint)
