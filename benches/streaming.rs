@@ -31,10 +31,10 @@ use kms_sidecar::proto::{UnwrapStreamRequest, WrapStreamRequest};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-mod echo {
-    #![allow(missing_docs, clippy::all, reason = "generated code")]
-    tonic::include_proto!("bench.echo.v1");
-}
+#[path = "support/echo.rs"]
+mod echo_support;
+
+use echo_support::echo;
 
 const CHUNK: usize = 64 * 1024;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -76,30 +76,6 @@ fn ring_seal(total: usize) -> f64 {
 
 // ---------------------------------------------------------------- echo --
 
-#[derive(Default)]
-struct EchoServer;
-
-#[tonic::async_trait]
-impl echo::echo_server::Echo for EchoServer {
-    type EchoStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<echo::Chunk, tonic::Status>> + Send>,
-    >;
-
-    async fn echo(
-        &self,
-        request: tonic::Request<tonic::Streaming<echo::Chunk>>,
-    ) -> Result<tonic::Response<Self::EchoStream>, tonic::Status> {
-        Ok(tonic::Response::new(Box::pin(request.into_inner())))
-    }
-
-    async fn unary(
-        &self,
-        request: tonic::Request<echo::Chunk>,
-    ) -> Result<tonic::Response<echo::Chunk>, tonic::Status> {
-        Ok(tonic::Response::new(request.into_inner()))
-    }
-}
-
 /// Runs the echo server on a Unix socket and a TCP port (printed).
 async fn echo_server(sock: &Path) {
     let uds = tokio::net::UnixListener::bind(sock).expect("bind echo socket");
@@ -107,17 +83,7 @@ async fn echo_server(sock: &Path) {
         .await
         .expect("bind echo tcp");
     println!("{}", tcp.local_addr().expect("addr").port());
-    let svc = || echo::echo_server::EchoServer::new(EchoServer);
-    // The same HTTP/2 settings as the sidecar's server.
-    let a = kms_sidecar::server::http2_settings(tonic::transport::Server::builder())
-        .add_service(svc())
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(uds));
-    let b = kms_sidecar::server::http2_settings(tonic::transport::Server::builder())
-        .add_service(svc())
-        .serve_with_incoming(
-            tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true)),
-        );
-    let _ = tokio::join!(a, b);
+    echo_support::serve(uds, Some(tcp)).await;
 }
 
 async fn echo_run(channel: Channel, total: usize) -> f64 {

@@ -392,9 +392,6 @@ impl DataKeyCache {
     }
 
     fn insert<V: SideOf>(&self, key: Digest, value: &Arc<V>, usage: Option<u64>) {
-        if usage.is_some_and(|len| len > self.config.max_bytes) {
-            return;
-        }
         let now = self.clock.now();
         let mut inner = self.lock();
         inner.tick += 1;
@@ -446,6 +443,10 @@ impl DataKeyCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, Error>>,
     {
+        if usage.is_some_and(|len| len > self.config.max_bytes) {
+            // Over the byte limit on its own: never cached, never waits.
+            return load().await.map(Arc::new);
+        }
         let which = V::WHICH.index();
         let mut waited = false;
         let flight = loop {

@@ -847,6 +847,34 @@ impl TryFrom<Args> for Config {
 mod tests {
     use super::*;
 
+    /// The README's configuration table lists every flag with its
+    /// environment variable, and nothing else.
+    #[test]
+    fn readme_documents_every_flag() {
+        use clap::CommandFactory;
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let mut documented = 0;
+        for arg in Cli::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version" | "config") {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .and_then(|e| e.to_str())
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"));
+            let row = format!("| `--{long}` | `{env}` |");
+            assert!(
+                readme.contains(&row),
+                "README configuration table lacks {row}"
+            );
+            documented += 1;
+        }
+        let rows = readme.lines().filter(|l| l.starts_with("| `--")).count();
+        assert_eq!(rows, documented, "README lists flags that do not exist");
+    }
+
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut full = vec!["kms-sidecar", "--local-key-file", "/tmp/k"];
         full.extend_from_slice(args);
