@@ -9,6 +9,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroize;
 
+use crate::access::{Access, Caller, Operation, Policy};
+use crate::audit::{Outcome, Pending};
 use crate::cache::{DataKeyCache, Materials};
 use crate::config::ServiceConfig;
 use crate::envelope::{self, EncryptionContext};
@@ -34,23 +36,68 @@ const REPLY_FIELD_OVERHEAD: usize = 2048 + 16;
 #[derive(Debug, Clone)]
 pub struct KeyServiceImpl {
     materials: Arc<Materials>,
+    access: Arc<Access>,
     config: ServiceConfig,
     streams: Streams,
 }
 
 impl KeyServiceImpl {
-    /// A service over `materials` with `config`'s limits.
-    pub fn new(materials: Arc<Materials>, config: ServiceConfig) -> Self {
+    /// A service over `materials`, checking and recording calls with
+    /// `access`, with `config`'s limits.
+    pub fn new(materials: Arc<Materials>, access: Arc<Access>, config: ServiceConfig) -> Self {
         Self {
-            streams: Streams::new(Arc::clone(&materials), config),
+            streams: Streams::new(Arc::clone(&materials), Arc::clone(&access), config),
             materials,
+            access,
             config,
         }
+    }
+
+    fn begin_audit(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        context: Option<&std::collections::HashMap<String, String>>,
+    ) -> Option<Pending> {
+        self.access
+            .audit
+            .as_ref()
+            .map(|a| a.begin(caller, operation, context))
+    }
+
+    fn finish_audit<R>(
+        &self,
+        pending: Option<Pending>,
+        bytes_in: usize,
+        result: &Result<R, Error>,
+        summary: impl FnOnce(&R) -> (Option<&str>, usize),
+    ) {
+        let (Some(audit), Some(pending)) = (&self.access.audit, pending) else {
+            return;
+        };
+        let outcome = match result {
+            Ok(reply) => {
+                let (key_id, bytes_out) = summary(reply);
+                Outcome {
+                    key_id,
+                    bytes_in,
+                    bytes_out,
+                    error: None,
+                }
+            }
+            Err(e) => Outcome {
+                bytes_in,
+                error: Some(e),
+                ..Outcome::default()
+            },
+        };
+        audit.finish(pending, outcome);
     }
 
     async fn generate_data_key(
         &self,
         req: GenerateDataKeyRequest,
+        caller: &Caller,
     ) -> Result<GenerateDataKeyResponse, Error> {
         let n = match req.number_of_bytes {
             0 => 32,
@@ -68,6 +115,12 @@ impl KeyServiceImpl {
         let keyring = self.materials.keyring();
         let key_id = keyring.resolve(&req.key_id)?;
         tracing::Span::current().record("key_id", key_id);
+        let operation = if req.without_plaintext {
+            Operation::GenerateDataKeyWithoutPlaintext
+        } else {
+            Operation::GenerateDataKey
+        };
+        self.access.policy.check(caller, operation, Some(key_id))?;
         let generated = keyring
             .generate(key_id, &context, n as usize, !req.without_plaintext)
             .await?;
@@ -91,13 +144,17 @@ impl KeyServiceImpl {
         })
     }
 
-    async fn wrap(&self, mut req: WrapRequest) -> Result<WrapResponse, Error> {
-        let result = self.wrap_inner(&mut req).await;
+    async fn wrap(&self, mut req: WrapRequest, caller: &Caller) -> Result<WrapResponse, Error> {
+        let result = self.wrap_inner(&mut req, caller).await;
         req.plaintext.zeroize();
         result
     }
 
-    async fn wrap_inner(&self, req: &mut WrapRequest) -> Result<WrapResponse, Error> {
+    async fn wrap_inner(
+        &self,
+        req: &mut WrapRequest,
+        caller: &Caller,
+    ) -> Result<WrapResponse, Error> {
         let limit = self.config.max_wrap_plaintext();
         if req.plaintext.len() > limit {
             return Err(Error::PayloadTooLarge {
@@ -110,6 +167,7 @@ impl KeyServiceImpl {
         }
         let (key_id, sealer, header) = start_envelope(
             &self.materials,
+            (&self.access.policy, caller),
             &self.config,
             &req.key_id,
             std::mem::take(&mut req.encryption_context),
@@ -130,11 +188,17 @@ impl KeyServiceImpl {
         Ok(WrapResponse { envelope, key_id })
     }
 
-    async fn unwrap(&self, req: UnwrapRequest) -> Result<UnwrapResponse, Error> {
+    async fn unwrap(&self, req: UnwrapRequest, caller: &Caller) -> Result<UnwrapResponse, Error> {
         let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
             .ok_or(Error::auth("envelope shorter than its header"))?;
         let supplied = EncryptionContext::from_pairs(req.encryption_context);
-        let (opener, key_id) = open_header(&self.materials, &parsed, &supplied).await?;
+        let (opener, key_id) = open_header(
+            &self.materials,
+            (&self.access.policy, caller),
+            &parsed,
+            &supplied,
+        )
+        .await?;
         let body = req.envelope.get(parsed.len..).unwrap_or_default();
         let plaintext = opener.open_all(body)?;
         Ok(UnwrapResponse {
@@ -149,12 +213,31 @@ impl KeyServiceImpl {
 #[derive(Debug, Clone)]
 pub struct AdminServiceImpl {
     materials: Arc<Materials>,
+    access: Arc<Access>,
 }
 
 impl AdminServiceImpl {
-    /// The admin service over the same materials as the KeyService.
-    pub fn new(materials: Arc<Materials>) -> Self {
-        Self { materials }
+    /// The admin service over the same materials and access as the
+    /// KeyService.
+    pub fn new(materials: Arc<Materials>, access: Arc<Access>) -> Self {
+        Self { materials, access }
+    }
+
+    /// Checks (and, when it fails, records) an admin call.
+    fn authorize<T>(&self, request: &Request<T>, operation: &'static str) -> Result<(), Status> {
+        let caller = Caller::of(request);
+        let result = self.access.policy.check(&caller, Operation::Admin, None);
+        if let Some(audit) = &self.access.audit {
+            let pending = audit.begin(&caller, operation, None);
+            audit.finish(
+                pending,
+                Outcome {
+                    error: result.as_ref().err(),
+                    ..Outcome::default()
+                },
+            );
+        }
+        result.map_err(|e| log_failure(&e, &[]))
     }
 }
 
@@ -162,8 +245,9 @@ impl AdminServiceImpl {
 impl AdminService for AdminServiceImpl {
     async fn flush_cache(
         &self,
-        _request: Request<FlushCacheRequest>,
+        request: Request<FlushCacheRequest>,
     ) -> Result<Response<FlushCacheResponse>, Status> {
+        self.authorize(&request, "FlushCache")?;
         let flushed = self.materials.cache().map_or(0, DataKeyCache::flush);
         tracing::info!(flushed, "data-key cache flushed");
         Ok(Response::new(FlushCacheResponse {
@@ -173,8 +257,9 @@ impl AdminService for AdminServiceImpl {
 
     async fn get_cache_stats(
         &self,
-        _request: Request<GetCacheStatsRequest>,
+        request: Request<GetCacheStatsRequest>,
     ) -> Result<Response<CacheStats>, Status> {
+        self.authorize(&request, "GetCacheStats")?;
         let Some(cache) = self.materials.cache() else {
             return Ok(Response::new(CacheStats::default()));
         };
@@ -207,20 +292,64 @@ impl AdminService for AdminServiceImpl {
 /// authentication failure; KMS errors as classified.
 pub(crate) async fn open_header(
     materials: &Materials,
+    (policy, caller): (&Policy, &Caller),
     parsed: &envelope::ParsedHeader,
     supplied: &EncryptionContext,
 ) -> Result<(envelope::Opener, String), Error> {
     if !parsed.header.context.matches_ignoring_reserved(supplied) {
         return Err(Error::auth("encryption context differs"));
     }
-    let material = materials
-        .for_decrypt(&parsed.header.encrypted_data_keys, &parsed.header.context)
-        .await?;
+    let edks = allowed_edks(
+        materials.keyring(),
+        policy,
+        caller,
+        &parsed.header.encrypted_data_keys,
+    )?;
+    let material = materials.for_decrypt(&edks, &parsed.header.context).await?;
     tracing::Span::current().record("key_id", material.key_id.as_str());
     Ok((
         envelope::Opener::new(parsed, &material.data_key)?,
         material.key_id.clone(),
     ))
+}
+
+/// The encrypted data keys the caller may have decrypted: with a policy,
+/// those of configured keys it allows the caller to unwrap with. KMS is
+/// never asked about the others.
+///
+/// # Errors
+/// [`Error::PermissionDenied`] when the envelope has keys of configured
+/// keys, none of them allowed.
+fn allowed_edks<'a>(
+    keyring: &Keyring,
+    policy: &Policy,
+    caller: &Caller,
+    edks: &'a [envelope::EncryptedDataKey],
+) -> Result<std::borrow::Cow<'a, [envelope::EncryptedDataKey]>, Error> {
+    if !policy.is_enforced() {
+        return Ok(std::borrow::Cow::Borrowed(edks));
+    }
+    let mut denied = None;
+    let allowed: Vec<_> = edks
+        .iter()
+        .filter(|edk| match keyring.owner_of(edk) {
+            Some(owner) if policy.allows(caller, Operation::Unwrap, Some(owner)) => true,
+            Some(owner) => {
+                denied.get_or_insert_with(|| owner.to_owned());
+                false
+            }
+            None => false,
+        })
+        .cloned()
+        .collect();
+    match (allowed.is_empty(), denied) {
+        (true, Some(key)) => Err(Error::PermissionDenied {
+            caller: caller.label(),
+            operation: Operation::Unwrap.name(),
+            key_id: Some(key),
+        }),
+        _ => Ok(std::borrow::Cow::Owned(allowed)),
+    }
 }
 
 /// Starts a new envelope for Wrap or WrapStream: validates the context,
@@ -232,6 +361,7 @@ pub(crate) async fn open_header(
 /// Invalid context or key, and KMS errors.
 pub(crate) async fn start_envelope(
     materials: &Materials,
+    (policy, caller): (&Policy, &Caller),
     config: &ServiceConfig,
     requested_key: &str,
     encryption_context: std::collections::HashMap<String, String>,
@@ -242,6 +372,7 @@ pub(crate) async fn start_envelope(
         EncryptionContext::from_request(encryption_context, config.limits.max_context_bytes)?;
     let key_id = materials.keyring().resolve(requested_key)?.to_owned();
     tracing::Span::current().record("key_id", key_id.as_str());
+    policy.check(caller, Operation::Wrap, Some(&key_id))?;
     let material = materials
         .for_encrypt(&key_id, &context, plaintext_len)
         .await?;
@@ -275,49 +406,65 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let span = tracing::info_span!(
             "GenerateDataKey",
+            caller = %caller.label(),
             key_id = tracing::field::Empty,
             number_of_bytes = req.number_of_bytes,
             without_plaintext = req.without_plaintext
         );
-        self.generate_data_key(req)
-            .instrument(span)
-            .await
-            .map(Response::new)
-            .map_err(|e| log_failure(&e, &[]))
+        let audit = self.begin_audit(&caller, "GenerateDataKey", Some(&req.encryption_context));
+        let result = self.generate_data_key(req, &caller).instrument(span).await;
+        self.finish_audit(audit, 0, &result, |r| {
+            (
+                Some(r.key_id.as_str()),
+                r.plaintext.len() + r.ciphertext_blob.len(),
+            )
+        });
+        result.map(Response::new).map_err(|e| log_failure(&e, &[]))
     }
 
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let span = tracing::info_span!(
             "Wrap",
+            caller = %caller.label(),
             key_id = tracing::field::Empty,
             plaintext_bytes = req.plaintext.len()
         );
-        self.wrap(req)
-            .instrument(span)
-            .await
-            .map(Response::new)
-            .map_err(|e| log_failure(&e, &[]))
+        let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context));
+        let bytes_in = req.plaintext.len();
+        let result = self.wrap(req, &caller).instrument(span).await;
+        self.finish_audit(audit, bytes_in, &result, |r| {
+            (Some(r.key_id.as_str()), r.envelope.len())
+        });
+        result.map(Response::new).map_err(|e| log_failure(&e, &[]))
     }
 
     async fn unwrap(
         &self,
         request: Request<UnwrapRequest>,
     ) -> Result<Response<UnwrapResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let mut keys: Vec<String> = req.encryption_context.keys().cloned().collect();
         keys.sort();
         let span = tracing::info_span!(
             "Unwrap",
+            caller = %caller.label(),
             key_id = tracing::field::Empty,
             envelope_bytes = req.envelope.len()
         );
-        self.unwrap(req)
-            .instrument(span)
-            .await
+        let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context));
+        let bytes_in = req.envelope.len();
+        let result = self.unwrap(req, &caller).instrument(span).await;
+        self.finish_audit(audit, bytes_in, &result, |r| {
+            (Some(r.key_id.as_str()), r.plaintext.len())
+        });
+        result
             .map(Response::new)
             .map_err(|e| log_failure(&e, &keys.iter().map(String::as_str).collect::<Vec<_>>()))
     }
@@ -328,8 +475,16 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<tonic::Streaming<WrapStreamRequest>>,
     ) -> Result<Response<Self::WrapStreamStream>, Status> {
-        let _enter = tracing::info_span!("WrapStream", key_id = tracing::field::Empty).entered();
-        self.streams.wrap(request.into_inner()).map(Response::new)
+        let caller = Caller::of(&request);
+        let _enter = tracing::info_span!(
+            "WrapStream",
+            caller = %caller.label(),
+            key_id = tracing::field::Empty
+        )
+        .entered();
+        self.streams
+            .wrap(request.into_inner(), caller)
+            .map(Response::new)
     }
 
     type UnwrapStreamStream = ResponseStream<UnwrapStreamResponse>;
@@ -338,8 +493,16 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<tonic::Streaming<UnwrapStreamRequest>>,
     ) -> Result<Response<Self::UnwrapStreamStream>, Status> {
-        let _enter = tracing::info_span!("UnwrapStream", key_id = tracing::field::Empty).entered();
-        self.streams.unwrap(request.into_inner()).map(Response::new)
+        let caller = Caller::of(&request);
+        let _enter = tracing::info_span!(
+            "UnwrapStream",
+            caller = %caller.label(),
+            key_id = tracing::field::Empty
+        )
+        .entered();
+        self.streams
+            .unwrap(request.into_inner(), caller)
+            .map(Response::new)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::audit::AuditSink;
 use crate::cache::CacheConfig;
 use crate::envelope::EnvelopeLimits;
 use crate::keyring::kms_client::KmsSettings;
@@ -375,6 +376,23 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_CACHE_CAPACITY", default_value_t = 1000)]
     pub cache_capacity: usize,
 
+    /// Authorization policy (TOML): which callers (uid:N, gid:N on Unix
+    /// sockets; anonymous on TCP) may use which keys for which operations.
+    /// Without it every caller may do everything (a warning at start).
+    #[arg(long, env = "KMS_SIDECAR_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// Audit trail, one JSON line per key use: off, stdout, stderr, or a
+    /// file path (appended, created with mode 0600).
+    #[arg(long, env = "KMS_SIDECAR_AUDIT_LOG", default_value = "off")]
+    pub audit_log: String,
+
+    /// Key (32 bytes or more) for the keyed hash of encryption-context
+    /// values in audit events; default: a random key per start (hashes
+    /// then compare only within one run).
+    #[arg(long, env = "KMS_SIDECAR_AUDIT_HASH_KEY_FILE")]
+    pub audit_hash_key_file: Option<PathBuf>,
+
     /// Group (numeric gid) that owns Unix sockets; default: the process's.
     #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_GROUP")]
     pub unix_socket_group: Option<u32>,
@@ -471,6 +489,12 @@ pub struct Config {
     pub unix_socket_group: Option<u32>,
     /// Shutdown phases.
     pub shutdown: ShutdownConfig,
+    /// Authorization policy file.
+    pub policy_file: Option<PathBuf>,
+    /// Where audit events go.
+    pub audit: AuditSink,
+    /// Key of the audit trail's keyed hash.
+    pub audit_hash_key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Display for Config {
@@ -561,7 +585,21 @@ impl std::fmt::Display for Config {
             "drain-quiet-period = {}",
             dur(self.shutdown.drain_quiet_period)
         )?;
-        writeln!(f, "shutdown-timeout = {}", dur(self.shutdown.timeout))
+        writeln!(f, "shutdown-timeout = {}", dur(self.shutdown.timeout))?;
+        if let Some(p) = &self.policy_file {
+            writeln!(f, "policy-file = {:?}", p.display().to_string())?;
+        }
+        let audit = match &self.audit {
+            AuditSink::Off => "off".to_owned(),
+            AuditSink::Stdout => "stdout".to_owned(),
+            AuditSink::Stderr => "stderr".to_owned(),
+            AuditSink::File(p) => p.display().to_string(),
+        };
+        writeln!(f, "audit-log = {audit:?}")?;
+        if let Some(p) = &self.audit_hash_key_file {
+            writeln!(f, "audit-hash-key-file = {:?}", p.display().to_string())?;
+        }
+        Ok(())
     }
 }
 
@@ -839,6 +877,19 @@ impl TryFrom<Args> for Config {
                 drain_quiet_period: a.drain_quiet_period,
                 timeout: a.shutdown_timeout,
             },
+            policy_file: a.policy_file,
+            audit: match a.audit_log.trim() {
+                "off" | "" => AuditSink::Off,
+                "stdout" => AuditSink::Stdout,
+                "stderr" => AuditSink::Stderr,
+                path if path.starts_with('/') => AuditSink::File(PathBuf::from(path)),
+                other => {
+                    return Err(format!(
+                        "invalid --audit-log {other:?}: use off, stdout, stderr or an absolute file path"
+                    ));
+                }
+            },
+            audit_hash_key_file: a.audit_hash_key_file,
         })
     }
 }

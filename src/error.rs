@@ -166,6 +166,21 @@ pub enum Error {
         budget: u64,
     },
 
+    /// The authorization policy does not allow this caller this operation
+    /// (on this key).
+    #[error(
+        "{caller} may not {operation}{} under this sidecar's policy (--policy-file)",
+        key_id.as_deref().map(|k| format!(" with key {k}")).unwrap_or_default()
+    )]
+    PermissionDenied {
+        /// The caller's identity, as policies name it.
+        caller: String,
+        /// The operation, as policies name it.
+        operation: &'static str,
+        /// The key, when the operation uses one.
+        key_id: Option<String>,
+    },
+
     /// A bug or an environment failure (random generator, I/O) in the sidecar.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -199,7 +214,8 @@ impl Error {
             | Self::UnsupportedEnvelope(_)
             | Self::StreamIdle { .. }
             | Self::StreamNotRead { .. }
-            | Self::StreamAborted(_) => ErrorClass::Caller,
+            | Self::StreamAborted(_)
+            | Self::PermissionDenied { .. } => ErrorClass::Caller,
             Self::DecryptAuthFailed { .. } => ErrorClass::DataCorrupt,
             Self::KmsAccessDenied { .. }
             | Self::KmsKeyDisabled { .. }

@@ -13,6 +13,8 @@
 //! - [`streaming`]: WrapStream / UnwrapStream: frame-at-a-time, backpressure, stream limits.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
 //! - [`preflight`]: `kms-sidecar check`: which KMS permissions are needed, and granted.
+//! - [`access`]: caller identities (Unix socket peer credentials) and the authorization policy.
+//! - [`audit`]: the JSON-lines audit trail, one event per key use.
 //! - [`cache`]: the data-key cache (ESDK caching materials manager semantics), single-flight.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
@@ -22,7 +24,9 @@
 //!
 //! Dependencies point one way: `api` → `keyring`, `envelope` → `secret`, `error`.
 
+pub mod access;
 pub mod api;
+pub mod audit;
 pub mod cache;
 pub mod client;
 pub mod config;
@@ -130,6 +134,7 @@ pub(crate) async fn kms_client(
 /// address in use, ...).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
     let keyring = Arc::new(build_keyring(&config).await?);
+    let access = access::Access::from_config(&config, &keyring)?;
     let listeners = server::bind(
         &config.listen,
         config.unix_socket_mode,
@@ -145,9 +150,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         max_message_bytes = config.service.max_message_bytes,
         "ready"
     );
-    server::serve(
+    server::serve_with(
         listeners,
         keyring,
+        access,
         config.service,
         config.shutdown,
         shutdown,

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
+use crate::access::Access;
 use crate::api::{AdminServiceImpl, KeyServiceImpl};
 use crate::cache::{Clock, Materials};
 use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
@@ -131,6 +132,30 @@ pub async fn serve(
     phases: ShutdownConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    serve_with(
+        listeners,
+        keyring,
+        Access::default(),
+        config,
+        phases,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with an authorization policy and an audit trail.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with(
+    listeners: Vec<Listener>,
+    keyring: Arc<Keyring>,
+    access: Access,
+    config: ServiceConfig,
+    phases: ShutdownConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let access = Arc::new(access);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<KeyServiceServer<KeyServiceImpl>>()
@@ -155,8 +180,8 @@ pub async fn serve(
     if materials.cache().is_some() {
         tracing::info!(config = ?config.cache, "data-key cache on");
     }
-    let admin = AdminServiceImpl::new(Arc::clone(&materials));
-    let service = KeyServiceImpl::new(materials, config);
+    let admin = AdminServiceImpl::new(Arc::clone(&materials), Arc::clone(&access));
+    let service = KeyServiceImpl::new(materials, access, config);
     let activity = Arc::new(Activity::default());
     let budget = Budget::new(config.max_inflight_bytes);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -131,6 +131,17 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
             retry = Some(std::time::Duration::from_millis(200));
             (Code::ResourceExhausted, "SIDECAR_BUSY", err.to_string())
         }
+        Error::PermissionDenied {
+            caller, operation, ..
+        } => {
+            meta.insert("caller".into(), caller.clone());
+            meta.insert("operation".into(), (*operation).into());
+            (
+                Code::PermissionDenied,
+                "CALLER_NOT_AUTHORIZED",
+                err.to_string(),
+            )
+        }
         Error::Internal(_) => (Code::Internal, "INTERNAL", err.to_string()),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);

@@ -24,6 +24,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
+use crate::access::{Access, Caller};
+use crate::audit::{Outcome, Pending as AuditPending};
 use crate::cache::Materials;
 use crate::config::ServiceConfig;
 use crate::envelope::{self, ContentType, EncryptionContext};
@@ -125,6 +127,7 @@ impl<T> tokio_stream::Stream for ResponseStream<T> {
 #[derive(Debug, Clone)]
 pub struct Streams {
     materials: Arc<Materials>,
+    access: Arc<Access>,
     config: ServiceConfig,
     slots: Arc<Semaphore>,
 }
@@ -133,11 +136,55 @@ pub struct Streams {
 struct Sender<T> {
     tx: mpsc::Sender<T>,
     stall: Duration,
+    /// Payload bytes sent, for the audit trail.
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl<T> Sender<T> {
+/// A response message's payload size.
+trait Chunk {
+    fn chunk_len(&self) -> usize;
+}
+
+impl Chunk for WrapStreamResponse {
+    fn chunk_len(&self) -> usize {
+        self.chunk.len()
+    }
+}
+
+impl Chunk for UnwrapStreamResponse {
+    fn chunk_len(&self) -> usize {
+        self.chunk.len()
+    }
+}
+
+/// What a streaming call learns for its audit event.
+struct Record {
+    caller: Caller,
+    event: Option<AuditPending>,
+    key_id: Option<String>,
+    bytes_in: u64,
+}
+
+impl Record {
+    /// Starts the audit event once the first message named the context.
+    fn begin(
+        &mut self,
+        access: &Access,
+        operation: &'static str,
+        context: &std::collections::HashMap<String, String>,
+    ) {
+        if let Some(audit) = &access.audit {
+            self.event = Some(audit.begin(&self.caller, operation, Some(context)));
+        }
+    }
+}
+
+impl<T: Chunk> Sender<T> {
     async fn send(&self, msg: T) -> Result<(), Error> {
         use mpsc::error::SendTimeoutError;
+        let len = msg.chunk_len() as u64;
+        self.sent
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         match self.tx.send_timeout(msg, self.stall).await {
             Ok(()) => Ok(()),
             Err(SendTimeoutError::Timeout(_)) => Err(Error::StreamNotRead {
@@ -187,10 +234,12 @@ async fn next<M>(input: &mut Streaming<M>, wait: Duration) -> Result<Option<M>, 
 }
 
 impl Streams {
-    /// Streaming calls over `materials` with `config`'s limits.
-    pub fn new(materials: Arc<Materials>, config: ServiceConfig) -> Self {
+    /// Streaming calls over `materials`, checked and recorded by `access`,
+    /// with `config`'s limits.
+    pub fn new(materials: Arc<Materials>, access: Arc<Access>, config: ServiceConfig) -> Self {
         Self {
             materials,
+            access,
             slots: Arc::new(Semaphore::new(config.streams.max_concurrent)),
             config,
         }
@@ -200,13 +249,17 @@ impl Streams {
     fn spawn<Req, Resp, F, Fut>(
         &self,
         input: Streaming<Req>,
+        caller: Caller,
+        operation: &'static str,
         run: F,
     ) -> Result<ResponseStream<Resp>, Status>
     where
         Req: Send + 'static,
         Resp: Send + 'static,
-        F: FnOnce(Self, Streaming<Req>, Sender<Resp>) -> Fut + Send + 'static,
-        Fut: Future<Output = (Result<(), Error>, Vec<String>, Streaming<Req>)> + Send + 'static,
+        F: FnOnce(Self, Streaming<Req>, Sender<Resp>, Record) -> Fut + Send + 'static,
+        Fut: Future<Output = (Result<(), Error>, Vec<String>, Streaming<Req>, Record)>
+            + Send
+            + 'static,
     {
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
             let err = Error::TooManyStreams {
@@ -217,16 +270,40 @@ impl Streams {
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let sender = Sender {
             tx,
             stall: self.config.streams.stall_timeout,
+            sent: Arc::clone(&sent),
         };
+        let record = Record {
+            caller,
+            event: None,
+            key_id: None,
+            bytes_in: 0,
+        };
+        let access = Arc::clone(&self.access);
         let this = self.clone();
         let idle = self.config.streams.idle_timeout;
         let span = tracing::Span::current();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let (result, context_keys, mut input) = run(this, input, sender).await;
+                let (result, context_keys, mut input, record) =
+                    run(this, input, sender, record).await;
+                if let Some(audit) = &access.audit {
+                    let event = record
+                        .event
+                        .unwrap_or_else(|| audit.begin(&record.caller, operation, None));
+                    audit.finish(
+                        event,
+                        Outcome {
+                            key_id: record.key_id.as_deref(),
+                            bytes_in: record.bytes_in as usize,
+                            bytes_out: sent.load(std::sync::atomic::Ordering::Relaxed) as usize,
+                            error: result.as_ref().err(),
+                        },
+                    );
+                }
                 let failed = result.is_err();
                 let outcome = result.map_err(|err| {
                     let keys: Vec<&str> = context_keys.iter().map(String::as_str).collect();
@@ -254,10 +331,17 @@ impl Streams {
     pub fn wrap(
         &self,
         input: Streaming<WrapStreamRequest>,
+        caller: Caller,
     ) -> Result<ResponseStream<WrapStreamResponse>, Status> {
-        self.spawn(input, |this, mut input, out| async move {
-            (this.run_wrap(&mut input, &out).await, Vec::new(), input)
-        })
+        self.spawn(
+            input,
+            caller,
+            "WrapStream",
+            |this, mut input, out, mut record| async move {
+                let result = this.run_wrap(&mut input, &out, &mut record).await;
+                (result, Vec::new(), input, record)
+            },
+        )
     }
 
     /// Starts an UnwrapStream call.
@@ -267,21 +351,31 @@ impl Streams {
     pub fn unwrap(
         &self,
         input: Streaming<UnwrapStreamRequest>,
+        caller: Caller,
     ) -> Result<ResponseStream<UnwrapStreamResponse>, Status> {
-        self.spawn(input, |this, mut input, out| async move {
-            let mut keys = Vec::new();
-            let result = this.run_unwrap(&mut input, &out, &mut keys).await;
-            (result, keys, input)
-        })
+        self.spawn(
+            input,
+            caller,
+            "UnwrapStream",
+            |this, mut input, out, mut record| async move {
+                let mut keys = Vec::new();
+                let result = this
+                    .run_unwrap(&mut input, &out, &mut keys, &mut record)
+                    .await;
+                (result, keys, input, record)
+            },
+        )
     }
 
     async fn run_wrap(
         &self,
         input: &mut Streaming<WrapStreamRequest>,
         out: &Sender<WrapStreamResponse>,
+        record: &mut Record,
     ) -> Result<(), Error> {
         let streams = self.config.streams;
         let first = first_message(input, streams.first_message_timeout, "parameters").await?;
+        record.begin(&self.access, "WrapStream", &first.encryption_context);
         let frame_length = match first.frame_length {
             0 => self.config.frame_length,
             n @ 1..=MAX_WRAP_FRAME_LENGTH => n,
@@ -294,6 +388,7 @@ impl Streams {
         let declared = first.plaintext_length;
         let (key_id, mut sealer, header) = crate::api::start_envelope(
             &self.materials,
+            (&self.access.policy, &record.caller),
             &self.config,
             &first.key_id,
             first.encryption_context,
@@ -301,6 +396,7 @@ impl Streams {
             declared,
         )
         .await?;
+        record.key_id = Some(key_id.clone());
         out.send(WrapStreamResponse {
             chunk: header,
             key_id,
@@ -310,8 +406,8 @@ impl Streams {
         let frame = frame_length as usize;
         let sealed_frame = frame + envelope::REGULAR_FRAME_OVERHEAD as usize;
         let mut pending = Pending::default();
-        let mut received = first.chunk.len() as u64;
-        check_declared(declared, received, false)?;
+        record.bytes_in = first.chunk.len() as u64;
+        check_declared(declared, record.bytes_in, false)?;
         pending.push(first.chunk);
         let mut sealed: Vec<u8> = Vec::new();
         let mut total: u64 = 0;
@@ -346,14 +442,14 @@ impl Streams {
             };
             match msg {
                 Some(msg) => {
-                    received += msg.chunk.len() as u64;
-                    check_declared(declared, received, false)?;
+                    record.bytes_in += msg.chunk.len() as u64;
+                    check_declared(declared, record.bytes_in, false)?;
                     pending.push(msg.chunk);
                 }
                 None => break,
             }
         }
-        check_declared(declared, received, true)?;
+        check_declared(declared, record.bytes_in, true)?;
         let len = pending.len();
         total += len as u64;
         sealer.seal_final_with(len, &mut sealed, |o| pending.move_to(len, o))?;
@@ -367,9 +463,12 @@ impl Streams {
         input: &mut Streaming<UnwrapStreamRequest>,
         out: &Sender<UnwrapStreamResponse>,
         context_keys: &mut Vec<String>,
+        record: &mut Record,
     ) -> Result<(), Error> {
         let streams = self.config.streams;
         let first = first_message(input, streams.first_message_timeout, "context").await?;
+        record.begin(&self.access, "UnwrapStream", &first.encryption_context);
+        record.bytes_in = first.chunk.len() as u64;
         context_keys.extend(first.encryption_context.keys().cloned());
         context_keys.sort();
         let supplied = EncryptionContext::from_pairs(first.encryption_context);
@@ -382,12 +481,21 @@ impl Streams {
                 return Err(Error::auth("header longer than any valid header"));
             }
             match next(input, streams.idle_timeout).await? {
-                Some(msg) => buf.extend_from_slice(&msg.chunk),
+                Some(msg) => {
+                    record.bytes_in += msg.chunk.len() as u64;
+                    buf.extend_from_slice(&msg.chunk);
+                }
                 None => return Err(Error::auth("envelope ends inside its header")),
             }
         };
-        let (mut opener, key_id) =
-            crate::api::open_header(&self.materials, &parsed, &supplied).await?;
+        let (mut opener, key_id) = crate::api::open_header(
+            &self.materials,
+            (&self.access.policy, &record.caller),
+            &parsed,
+            &supplied,
+        )
+        .await?;
+        record.key_id = Some(key_id.clone());
         // Most bytes of one frame (or of non-framed content) held until its
         // tag verifies; checked once the header authenticated, so damage
         // to the header reads as damage, as in unary Unwrap.
@@ -461,7 +569,10 @@ impl Streams {
                 }
             };
             match msg {
-                Some(msg) => pending.push(msg.chunk),
+                Some(msg) => {
+                    record.bytes_in += msg.chunk.len() as u64;
+                    pending.push(msg.chunk);
+                }
                 None => return Err(Error::auth("envelope truncated")),
             }
         }

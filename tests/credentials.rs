@@ -121,6 +121,9 @@ async fn b04_web_identity_credentials_refresh_before_expiry_and_recover() {
         token_file: token_file.clone(),
     });
     let socket = dir.path().join("kms.sock");
+    // The sidecar's log, kept after the test for a failure's diagnosis.
+    let log_path = std::env::temp_dir().join("kms-sidecar-b04.log");
+    eprintln!("B04 sidecar log: {}", log_path.display());
     let target = format!("unix://{}", socket.display());
     let child = Command::new(env!("CARGO_BIN_EXE_kms-sidecar"))
         .env_clear()
@@ -143,6 +146,7 @@ async fn b04_web_identity_credentials_refresh_before_expiry_and_recover() {
         .args(["--cache-max-age", "0", "--health-probe-interval", "1s"])
         .args(["--credentials-refresh-margin", "6s", "--kms-timeout", "2s"])
         .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let _child = KillOnDrop(child);

@@ -37,7 +37,7 @@ fn service() -> KeyServiceImpl {
         config.cache,
         Clock::system(),
     );
-    KeyServiceImpl::new(Arc::new(materials), config)
+    KeyServiceImpl::new(Arc::new(materials), Arc::default(), config)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

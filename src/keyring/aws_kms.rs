@@ -191,6 +191,18 @@ impl AwsKmsKeyring {
         ))
     }
 
+    /// The configured key ARN `edk` names, if any (nothing is sent).
+    pub fn owner_of(&self, edk: &EncryptedDataKey) -> Option<&str> {
+        if edk.provider_id != PROVIDER_ID {
+            return None;
+        }
+        let arn = std::str::from_utf8(&edk.provider_info).ok()?;
+        self.keys
+            .iter()
+            .find(|k| k.arn == arn)
+            .map(|k| k.arn.as_str())
+    }
+
     /// Decrypts the first encrypted data key that belongs to a configured
     /// key ARN. Keys of other providers and other ARNs are never sent to
     /// KMS.

@@ -273,6 +273,18 @@ impl LocalKeyring {
             }
         }
     }
+
+    /// Whether `edk` claims to be wrapped by this key (provider and name
+    /// match; nothing is decrypted).
+    pub fn owns(&self, edk: &EncryptedDataKey) -> bool {
+        edk.provider_id == self.namespace
+            && edk
+                .provider_info
+                .split_at_checked(self.name.len())
+                .is_some_and(|(name, rest)| {
+                    name == self.name.as_bytes() && rest.len() == 8 + IV_LEN
+                })
+    }
 }
 
 #[cfg(test)]

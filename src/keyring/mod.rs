@@ -59,6 +59,15 @@ impl Keyring {
         })
     }
 
+    /// The configured key that `edk` says wraps it (by provider ID and
+    /// info; nothing is decrypted), if any.
+    pub fn owner_of(&self, edk: &EncryptedDataKey) -> Option<&str> {
+        match self {
+            Self::Local(k) => k.owns(edk).then(|| k.name()),
+            Self::AwsKms(k) => k.owner_of(edk),
+        }
+    }
+
     /// Generates a data key of `number_of_bytes` under `key_id` (already
     /// resolved), bound to `context`.
     ///

@@ -155,6 +155,22 @@ impl Sidecar {
 
     /// Serves on 127.0.0.1:0 plus any extra addresses.
     pub async fn start_with(keyring: Keyring, config: ServiceConfig, extra: &[ListenAddr]) -> Self {
+        Self::start_with_access(
+            keyring,
+            config,
+            extra,
+            kms_sidecar::access::Access::default(),
+        )
+        .await
+    }
+
+    /// [`Self::start_with`] with a policy and an audit trail.
+    pub async fn start_with_access(
+        keyring: Keyring,
+        config: ServiceConfig,
+        extra: &[ListenAddr],
+        access: kms_sidecar::access::Access,
+    ) -> Self {
         let mut addrs = vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())];
         addrs.extend_from_slice(extra);
         let listeners = kms_sidecar::server::bind(&addrs, 0o600, None)
@@ -162,9 +178,10 @@ impl Sidecar {
             .unwrap();
         let addrs = listeners.iter().map(|l| l.local_addr()).collect();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(kms_sidecar::server::serve(
+        let task = tokio::spawn(kms_sidecar::server::serve_with(
             listeners,
             Arc::new(keyring),
+            access,
             config,
             kms_sidecar::config::ShutdownConfig {
                 drain_window: std::time::Duration::ZERO,

@@ -1,8 +1,12 @@
-"""Field case B14: with every crate logging at trace level, no data key,
-plaintext or credential appears in the sidecar's output, in any encoding."""
+"""Field case B14: with every crate logging at trace level and the audit
+trail on (JSON lines on stdout), no data key, plaintext or credential
+appears in the sidecar's output, in any encoding; and the audit trail holds
+one well-formed event per key use."""
 
 import base64
+import json
 import os
+import re
 import struct
 
 import grpc
@@ -80,18 +84,58 @@ def assert_clean(log: bytes, secrets):
             assert form not in log, f"secret leaked in a log line ({len(secret)}-byte secret)"
 
 
+def wrap_over_unix_socket(sidecar, pb):
+    messages, services = pb
+    stub = services.KeyServiceStub(sidecar.channel("unix"))
+    stub.Wrap(messages.WrapRequest(plaintext=MARKER, encryption_context={"k": "v"}))
+
+
+def check_audit(log: bytes, key_id: str):
+    """The audit events of exercise() + wrap_over_unix_socket()."""
+    lines = [l for l in log.decode(errors="replace").splitlines() if l.startswith('{"time"')]
+    events = [json.loads(l) for l in lines]
+    ops = [e["operation"] for e in events]
+    assert ops == ["GenerateDataKey", "GenerateDataKey", "Wrap", "Unwrap", "Unwrap", "Unwrap", "Wrap"], ops
+    hashed = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
+    for e in events:
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", e["time"]), e
+        assert e["duration_ms"] >= 0
+        assert all(hashed.match(v) for v in e["context"].values()), e
+    gdk, gdk_no_plain, wrap, unwrap_ok, bad_value, no_context, unix_wrap = events
+    assert gdk["caller"] == "anonymous" and gdk["peer"].startswith("127.0.0.1:")
+    assert gdk["key_id"] == key_id and gdk["code"] == "OK" and gdk["bytes_out"] > 32
+    assert wrap["key_id"] == key_id and wrap["bytes_in"] == len(MARKER) and wrap["bytes_out"] > len(MARKER)
+    assert list(wrap["context"]) == ["k"]
+    assert unwrap_ok["code"] == "OK" and unwrap_ok["bytes_out"] == len(MARKER)
+    # Same value, same keyed hash; another value, another hash.
+    assert unwrap_ok["context"]["k"] == wrap["context"]["k"]
+    assert bad_value["context"]["k"] != wrap["context"]["k"]
+    for failed in (bad_value, no_context):
+        assert failed["code"] == "InvalidArgument" and failed["reason"] == "DECRYPT_AUTH_FAILED", failed
+        assert failed["key_id"] is None
+    assert no_context["context"] == {}
+    assert unix_wrap["caller"] == f"uid:{os.getuid()}" and unix_wrap["gid"] == os.getgid()
+    assert "peer" not in unix_wrap
+
+
 def test_b14_local_keyring(local_key, pb):
     path, wrapping_key = local_key
     sidecar = start_sidecar(
-        ["--local-key-file", str(path), "--local-key-namespace", "interop-ns", "--local-key-name", "interop-key"],
+        [
+            "--local-key-file", str(path), "--local-key-namespace", "interop-ns",
+            "--local-key-name", "interop-key", "--audit-log", "stdout",
+        ],
         rust_log="trace",
     )
     try:
         envelope, secrets = exercise(sidecar, pb, [wrapping_key, MARKER])
+        wrap_over_unix_socket(sidecar, pb)
         secrets.append(unwrap_raw_aes_edk(envelope, wrapping_key))
     finally:
         assert sidecar.stop() == 0
-    assert_clean(sidecar.log_path.read_bytes(), secrets)
+    log = sidecar.log_path.read_bytes()
+    assert_clean(log, secrets)
+    check_audit(log, "interop-key")
 
 
 def test_b14_kms_keyring(kms, kms_key_arn, pb):
@@ -99,9 +143,12 @@ def test_b14_kms_keyring(kms, kms_key_arn, pb):
         "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         "AWS_SESSION_TOKEN": SESSION_TOKEN,
     }
-    sidecar = start_sidecar(["--keyring", "aws-kms", "--key-id", kms_key_arn], env=env, rust_log="trace")
+    sidecar = start_sidecar(
+        ["--keyring", "aws-kms", "--key-id", kms_key_arn, "--audit-log", "stdout"], env=env, rust_log="trace"
+    )
     try:
         envelope, secrets = exercise(sidecar, pb, [MARKER, SECRET_ACCESS_KEY.encode(), SESSION_TOKEN.encode()])
+        wrap_over_unix_socket(sidecar, pb)
     finally:
         assert sidecar.stop() == 0
     # The envelope's data key, recovered through KMS by the test.
@@ -121,3 +168,4 @@ def test_b14_kms_keyring(kms, kms_key_arn, pb):
     log = sidecar.log_path.read_bytes()
     assert b"GenerateDataKey" in log, "the KMS calls were traced"
     assert_clean(log, secrets)
+    check_audit(log, kms_key_arn)

@@ -1,0 +1,281 @@
+//! Caller identity and the authorization policy (issue: who may call, and
+//! with which key): a Unix-socket caller identified by its uid and gid
+//! (SO_PEERCRED), an anonymous TCP caller, allowed and denied paths for
+//! every RPC, and no policy at all.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code"
+)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::{Sidecar, ctx, local_keyring, reason};
+use kms_sidecar::access::{Access, Policy};
+use kms_sidecar::config::{ListenAddr, ServiceConfig};
+use kms_sidecar::proto::admin_service_client::AdminServiceClient;
+use kms_sidecar::proto::key_service_client::KeyServiceClient;
+use kms_sidecar::proto::{
+    FlushCacheRequest, GenerateDataKeyRequest, UnwrapRequest, UnwrapStreamRequest, WrapRequest,
+    WrapStreamRequest,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// This process's uid and gid, as the kernel reports them for a file it
+/// creates.
+fn my_ids() -> (u32, u32) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let meta = file.as_file().metadata().unwrap();
+    (meta.uid(), meta.gid())
+}
+
+struct Rig {
+    sidecar: Sidecar,
+    _dir: tempfile::TempDir,
+    unix: Channel,
+    tcp: Channel,
+}
+
+async fn rig(policy: Option<&str>) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("kms.sock");
+    let keyring_for_policy = local_keyring(3);
+    let policy = match policy {
+        Some(text) => Policy::parse(text, &keyring_for_policy).unwrap(),
+        None => Policy::allow_all(),
+    };
+    let access = Access {
+        policy,
+        audit: None,
+    };
+    let sidecar = Sidecar::start_with_access(
+        local_keyring(3),
+        ServiceConfig::default(),
+        &[ListenAddr::Unix(sock.clone())],
+        access,
+    )
+    .await;
+    let unix = kms_sidecar::client::connect(&format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let tcp = sidecar.channel().await;
+    Rig {
+        sidecar,
+        _dir: dir,
+        unix,
+        tcp,
+    }
+}
+
+async fn wrap(channel: &Channel) -> Result<Vec<u8>, tonic::Status> {
+    KeyServiceClient::new(channel.clone())
+        .wrap(WrapRequest {
+            plaintext: b"data".to_vec(),
+            encryption_context: ctx(&[("app", "a")]),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().envelope)
+}
+
+async fn unwrap(channel: &Channel, envelope: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    KeyServiceClient::new(channel.clone())
+        .unwrap(UnwrapRequest {
+            envelope: envelope.to_vec(),
+            encryption_context: ctx(&[("app", "a")]),
+        })
+        .await
+        .map(|r| r.into_inner().plaintext)
+}
+
+async fn generate(channel: &Channel, without_plaintext: bool) -> Result<(), tonic::Status> {
+    KeyServiceClient::new(channel.clone())
+        .generate_data_key(GenerateDataKeyRequest {
+            without_plaintext,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn wrap_stream(channel: &Channel) -> Result<Vec<u8>, tonic::Status> {
+    let reqs = vec![WrapStreamRequest {
+        encryption_context: ctx(&[("app", "a")]),
+        chunk: b"streamed".to_vec(),
+        ..Default::default()
+    }];
+    let mut out = KeyServiceClient::new(channel.clone())
+        .wrap_stream(tokio_stream::iter(reqs))
+        .await?
+        .into_inner();
+    let mut envelope = Vec::new();
+    while let Some(msg) = out.message().await? {
+        envelope.extend_from_slice(&msg.chunk);
+    }
+    Ok(envelope)
+}
+
+async fn unwrap_stream(channel: &Channel, envelope: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+    let reqs = vec![UnwrapStreamRequest {
+        encryption_context: ctx(&[("app", "a")]),
+        chunk: envelope.to_vec(),
+    }];
+    let mut out = KeyServiceClient::new(channel.clone())
+        .unwrap_stream(tokio_stream::iter(reqs))
+        .await?
+        .into_inner();
+    let mut plain = Vec::new();
+    while let Some(msg) = out.message().await? {
+        plain.extend_from_slice(&msg.chunk);
+    }
+    Ok(plain)
+}
+
+async fn flush(channel: &Channel) -> Result<(), tonic::Status> {
+    AdminServiceClient::new(channel.clone())
+        .flush_cache(FlushCacheRequest {})
+        .await
+        .map(|_| ())
+}
+
+#[track_caller]
+fn denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>, caller: &str, operation: &str) {
+    let status = result.expect_err("must be denied");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "CALLER_NOT_AUTHORIZED");
+    let message = status.message();
+    assert!(
+        message.contains(caller) && message.contains(&format!("may not {operation}")),
+        "the message names the caller and the operation: {message}"
+    );
+}
+
+/// A Unix-socket caller allowed to wrap and unwrap, an anonymous TCP caller
+/// allowed only keys without plaintext: every RPC, both ways.
+#[tokio::test]
+async fn policy_allows_and_denies_every_rpc_per_identity() {
+    let (uid, _) = my_ids();
+    let policy = format!(
+        r#"
+[[allow]]
+caller = "uid:{uid}"
+operations = ["wrap", "unwrap", "generate-data-key-without-plaintext"]
+keys = ["*"]
+
+[[allow]]
+caller = "anonymous"
+operations = ["generate-data-key-without-plaintext"]
+keys = ["local-key"]
+"#
+    );
+    let r = rig(Some(&policy)).await;
+    let me = format!("uid:{uid}");
+
+    // The local user.
+    let envelope = wrap(&r.unix).await.expect("uid may wrap");
+    assert_eq!(unwrap(&r.unix, &envelope).await.unwrap(), b"data");
+    let streamed = wrap_stream(&r.unix).await.expect("uid may WrapStream");
+    assert_eq!(
+        unwrap_stream(&r.unix, &streamed).await.unwrap(),
+        b"streamed"
+    );
+    generate(&r.unix, true)
+        .await
+        .expect("without plaintext allowed");
+    denied(generate(&r.unix, false).await, &me, "generate-data-key");
+    denied(flush(&r.unix).await, &me, "admin");
+
+    // The anonymous TCP caller.
+    generate(&r.tcp, true)
+        .await
+        .expect("anonymous: without plaintext allowed");
+    denied(
+        generate(&r.tcp, false).await,
+        "anonymous",
+        "generate-data-key",
+    );
+    denied(wrap(&r.tcp).await, "anonymous", "wrap");
+    denied(unwrap(&r.tcp, &envelope).await, "anonymous", "unwrap");
+    denied(wrap_stream(&r.tcp).await, "anonymous", "wrap");
+    denied(
+        unwrap_stream(&r.tcp, &streamed).await,
+        "anonymous",
+        "unwrap",
+    );
+    denied(flush(&r.tcp).await, "anonymous", "admin");
+    r.sidecar.stop().await;
+}
+
+/// The decision follows the uid and gid the kernel reports: a policy for
+/// another uid denies this process; one for its gid allows it.
+#[tokio::test]
+async fn identity_is_the_peer_uid_and_gid() {
+    let (uid, gid) = my_ids();
+    let other = uid.wrapping_add(1);
+    let r = rig(Some(&format!(
+        "[[allow]]\ncaller = \"uid:{other}\"\noperations = \"*\"\nkeys = \"*\"\n"
+    )))
+    .await;
+    denied(wrap(&r.unix).await, &format!("uid:{uid}"), "wrap");
+    r.sidecar.stop().await;
+
+    let r = rig(Some(&format!(
+        "[[allow]]\ncaller = \"gid:{gid}\"\noperations = [\"wrap\"]\nkeys = [\"local-key\"]\n"
+    )))
+    .await;
+    wrap(&r.unix).await.expect("gid rule allows");
+    denied(wrap(&r.tcp).await, "anonymous", "wrap");
+    r.sidecar.stop().await;
+}
+
+/// Without a policy, every caller may do everything (the current
+/// behaviour; the sidecar warns at start).
+#[tokio::test]
+async fn without_a_policy_every_caller_is_allowed() {
+    let r = rig(None).await;
+    let envelope = wrap(&r.tcp).await.expect("anonymous may wrap");
+    unwrap(&r.unix, &envelope).await.unwrap();
+    generate(&r.tcp, false).await.unwrap();
+    flush(&r.tcp).await.unwrap();
+    r.sidecar.stop().await;
+}
+
+/// Policy files with mistakes are refused at start with a message that
+/// says what to write instead.
+#[test]
+fn policy_file_mistakes_are_explained() {
+    let keyring = local_keyring(3);
+    let cases = [
+        (
+            "[[allow]]\ncaller = \"*\"\noperations = [\"encrypt\"]\nkeys = \"*\"\n",
+            "unknown operation \"encrypt\": use generate-data-key",
+        ),
+        (
+            "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkeys = [\"other-key\"]\n",
+            "key \"other-key\" is not one of the configured keys",
+        ),
+        (
+            "[[allow]]\ncaller = \"user:1\"\noperations = \"*\"\nkeys = \"*\"\n",
+            "invalid caller \"user:1\": use uid:N, gid:N, anonymous or *",
+        ),
+        (
+            "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkey = \"*\"\n",
+            "unknown field \"key\"",
+        ),
+        ("[allow]\ncaller = \"*\"\n", "write [[allow]]"),
+        ("[[deny]]\ncaller = \"*\"\n", "unknown key \"deny\""),
+    ];
+    for (text, expected) in cases {
+        let err = Policy::parse(text, &keyring).unwrap_err();
+        assert!(
+            err.contains(expected),
+            "{err:?} should contain {expected:?}"
+        );
+    }
+}
