@@ -386,6 +386,24 @@ pub(crate) async fn start_envelope(
     Ok((key_id, sealer, header))
 }
 
+/// Ends a unary call: counts it in the metrics, logs a failure (reason and
+/// class only) and converts the result.
+fn reply<R>(
+    method: &'static str,
+    started: std::time::Instant,
+    result: Result<R, Error>,
+    supplied_context_keys: &[&str],
+) -> Result<Response<R>, Status> {
+    let result = result
+        .map(Response::new)
+        .map_err(|e| log_failure(&e, supplied_context_keys));
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    crate::metrics::global().request(method, code, started.elapsed());
+    result
+}
+
 /// Logs a failed call (reason and class only) and converts it.
 pub(crate) fn log_failure(err: &Error, supplied_context_keys: &[&str]) -> Status {
     let status = to_status(err, supplied_context_keys);
@@ -415,6 +433,7 @@ impl KeyService for KeyServiceImpl {
             number_of_bytes = req.number_of_bytes,
             without_plaintext = req.without_plaintext
         );
+        let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "GenerateDataKey", Some(&req.encryption_context));
         let result = self.generate_data_key(req, &caller).instrument(span).await;
         self.finish_audit(audit, 0, &result, |r| {
@@ -423,7 +442,7 @@ impl KeyService for KeyServiceImpl {
                 r.plaintext.len() + r.ciphertext_blob.len(),
             )
         });
-        result.map(Response::new).map_err(|e| log_failure(&e, &[]))
+        reply("GenerateDataKey", started, result, &[])
     }
 
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
@@ -435,13 +454,17 @@ impl KeyService for KeyServiceImpl {
             key_id = tracing::field::Empty,
             plaintext_bytes = req.plaintext.len()
         );
+        let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context));
         let bytes_in = req.plaintext.len();
         let result = self.wrap(req, &caller).instrument(span).await;
         self.finish_audit(audit, bytes_in, &result, |r| {
             (Some(r.key_id.as_str()), r.envelope.len())
         });
-        result.map(Response::new).map_err(|e| log_failure(&e, &[]))
+        if result.is_ok() {
+            crate::metrics::global().sealed(bytes_in as u64);
+        }
+        reply("Wrap", started, result, &[])
     }
 
     async fn unwrap(
@@ -458,15 +481,18 @@ impl KeyService for KeyServiceImpl {
             key_id = tracing::field::Empty,
             envelope_bytes = req.envelope.len()
         );
+        let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context));
         let bytes_in = req.envelope.len();
         let result = self.unwrap(req, &caller).instrument(span).await;
         self.finish_audit(audit, bytes_in, &result, |r| {
             (Some(r.key_id.as_str()), r.plaintext.len())
         });
-        result
-            .map(Response::new)
-            .map_err(|e| log_failure(&e, &keys.iter().map(String::as_str).collect::<Vec<_>>()))
+        if let Ok(r) = &result {
+            crate::metrics::global().opened(r.plaintext.len() as u64);
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        reply("Unwrap", started, result, &keys)
     }
 
     type WrapStreamStream = ResponseStream<WrapStreamResponse>;

@@ -376,6 +376,11 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_CACHE_CAPACITY", default_value_t = 1000)]
     pub cache_capacity: usize,
 
+    /// Admin listener for Prometheus metrics (HTTP GET /metrics), as
+    /// IP:PORT; off when unset.
+    #[arg(long, env = "KMS_SIDECAR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Authorization policy (TOML): which callers (uid:N, gid:N on Unix
     /// sockets; anonymous on TCP) may use which keys for which operations.
     /// Without it every caller may do everything (a warning at start).
@@ -491,6 +496,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Authorization policy file.
     pub policy_file: Option<PathBuf>,
+    /// Where to serve /metrics.
+    pub metrics_listen: Option<SocketAddr>,
     /// Where audit events go.
     pub audit: AuditSink,
     /// Key of the audit trail's keyed hash.
@@ -586,6 +593,9 @@ impl std::fmt::Display for Config {
             dur(self.shutdown.drain_quiet_period)
         )?;
         writeln!(f, "shutdown-timeout = {}", dur(self.shutdown.timeout))?;
+        if let Some(a) = &self.metrics_listen {
+            writeln!(f, "metrics-listen = \"{a}\"")?;
+        }
         if let Some(p) = &self.policy_file {
             writeln!(f, "policy-file = {:?}", p.display().to_string())?;
         }
@@ -878,6 +888,7 @@ impl TryFrom<Args> for Config {
                 timeout: a.shutdown_timeout,
             },
             policy_file: a.policy_file,
+            metrics_listen: a.metrics_listen,
             audit: match a.audit_log.trim() {
                 "off" | "" => AuditSink::Off,
                 "stdout" => AuditSink::Stdout,

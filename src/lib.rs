@@ -16,6 +16,7 @@
 //! - [`access`]: caller identities (Unix socket peer credentials) and the authorization policy.
 //! - [`audit`]: the JSON-lines audit trail, one event per key use.
 //! - [`cache`]: the data-key cache (ESDK caching materials manager semantics), single-flight.
+//! - [`metrics`]: Prometheus counters and histograms, served on `--metrics-listen`.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
 //! - [`secret`]: the zeroizing, redacted types that hold plaintext keys.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
+pub mod metrics;
 pub mod preflight;
 pub mod secret;
 pub mod server;
@@ -135,6 +137,13 @@ pub(crate) async fn kms_client(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), String> {
     let keyring = Arc::new(build_keyring(&config).await?);
     let access = access::Access::from_config(&config, &keyring)?;
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        tracing::info!(address = %addr, "serving Prometheus metrics on GET /metrics");
+        tokio::spawn(metrics::serve(listener));
+    }
     let listeners = server::bind(
         &config.listen,
         config.unix_socket_mode,

@@ -180,6 +180,7 @@ pub async fn serve_with(
     if materials.cache().is_some() {
         tracing::info!(config = ?config.cache, "data-key cache on");
     }
+    crate::metrics::global().watch_cache(&materials);
     let admin = AdminServiceImpl::new(Arc::clone(&materials), Arc::clone(&access));
     let service = KeyServiceImpl::new(materials, access, config);
     let activity = Arc::new(Activity::default());
@@ -389,14 +390,14 @@ struct Admission<S> {
     peek_timeout: Duration,
 }
 
-/// The unary methods the budget applies to.
-fn is_budgeted(path: &str) -> bool {
-    matches!(
-        path,
-        "/kms_sidecar.v1.KeyService/Wrap"
-            | "/kms_sidecar.v1.KeyService/Unwrap"
-            | "/kms_sidecar.v1.KeyService/GenerateDataKey"
-    )
+/// The unary methods the budget applies to, by path; their names.
+fn budgeted_method(path: &str) -> Option<&'static str> {
+    match path {
+        "/kms_sidecar.v1.KeyService/Wrap" => Some("Wrap"),
+        "/kms_sidecar.v1.KeyService/Unwrap" => Some("Unwrap"),
+        "/kms_sidecar.v1.KeyService/GenerateDataKey" => Some("GenerateDataKey"),
+        _ => None,
+    }
 }
 
 impl<S, ResB> tower::Service<http::Request<tonic::body::Body>> for Admission<S>
@@ -424,7 +425,8 @@ where
                 _guard: permit,
             })
         };
-        if !is_budgeted(req.uri().path()) {
+        let method = budgeted_method(req.uri().path());
+        if method.is_none() {
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(wrap(fut.await?, None)) });
         }
@@ -444,6 +446,13 @@ where
             let permit = match len.map(|n| budget.admit(n)) {
                 Some(Err(busy)) => {
                     tracing::info!(error = %busy, "unary call refused before reading it");
+                    if let Some(method) = method {
+                        crate::metrics::global().request(
+                            method,
+                            tonic::Code::ResourceExhausted,
+                            Duration::ZERO,
+                        );
+                    }
                     return Ok(wrap(to_status(&busy, &[]).into_http(), None));
                 }
                 Some(Ok(permit)) => Some(permit),

@@ -266,6 +266,11 @@ impl Streams {
                 limit: self.config.streams.max_concurrent,
             };
             tracing::info!(error = %err, "streaming call refused");
+            crate::metrics::global().request(
+                operation,
+                tonic::Code::ResourceExhausted,
+                Duration::ZERO,
+            );
             to_status(&err, &[])
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -283,6 +288,8 @@ impl Streams {
             bytes_in: 0,
         };
         let access = Arc::clone(&self.access);
+        let started = std::time::Instant::now();
+        crate::metrics::global().streams(1);
         let this = self.clone();
         let idle = self.config.streams.idle_timeout;
         let span = tracing::Span::current();
@@ -305,10 +312,23 @@ impl Streams {
                     );
                 }
                 let failed = result.is_err();
+                let metrics = crate::metrics::global();
+                if !failed {
+                    if operation == "WrapStream" {
+                        metrics.sealed(record.bytes_in);
+                    } else {
+                        metrics.opened(sent.load(std::sync::atomic::Ordering::Relaxed));
+                    }
+                }
                 let outcome = result.map_err(|err| {
                     let keys: Vec<&str> = context_keys.iter().map(String::as_str).collect();
                     crate::api::log_failure(&err, &keys)
                 });
+                let code = outcome
+                    .as_ref()
+                    .map_or_else(Status::code, |()| tonic::Code::Ok);
+                metrics.request(operation, code, started.elapsed());
+                metrics.streams(-1);
                 let _ = done_tx.send(outcome);
                 if failed {
                     drain(&mut input, idle).await;

@@ -78,12 +78,8 @@ impl AwsKmsKeyring {
             let arn = if is_key_arn(configured) {
                 configured.clone()
             } else {
-                let out = client
-                    .describe_key()
-                    .key_id(configured)
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, "kms:DescribeKey", configured))?;
+                let send = client.describe_key().key_id(configured).send();
+                let out = observed("kms:DescribeKey", configured, send).await?;
                 out.key_metadata
                     .and_then(|m| m.arn)
                     .ok_or(Error::KmsUnexpected {
@@ -139,15 +135,14 @@ impl AwsKmsKeyring {
         let ctx = kms_context(context);
         let (key_id, blob, plaintext) = if with_plaintext {
             let op = "kms:GenerateDataKey";
-            let out = self
+            let send = self
                 .client
                 .generate_data_key()
                 .key_id(arn)
                 .number_of_bytes(n)
                 .set_encryption_context(ctx)
-                .send()
-                .await
-                .map_err(|e| classify(e, op, arn))?;
+                .send();
+            let out = observed(op, arn, send).await?;
             let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
             let plain = SecretBytes::take_from(&mut plain);
             if plain.len() != number_of_bytes {
@@ -156,15 +151,14 @@ impl AwsKmsKeyring {
             (out.key_id, out.ciphertext_blob, Some(plain))
         } else {
             let op = "kms:GenerateDataKeyWithoutPlaintext";
-            let out = self
+            let send = self
                 .client
                 .generate_data_key_without_plaintext()
                 .key_id(arn)
                 .number_of_bytes(n)
                 .set_encryption_context(ctx)
-                .send()
-                .await
-                .map_err(|e| classify(e, op, arn))?;
+                .send();
+            let out = observed(op, arn, send).await?;
             (out.key_id, out.ciphertext_blob, None)
         };
         let key_id = key_id.ok_or(unexpected("kms:GenerateDataKey", "response without KeyId"))?;
@@ -226,15 +220,14 @@ impl AwsKmsKeyring {
             let Some(key) = self.keys.iter().find(|k| k.arn == arn) else {
                 continue;
             };
-            let result = self
+            let send = self
                 .client
                 .decrypt()
                 .key_id(&key.arn)
                 .ciphertext_blob(Blob::new(edk.ciphertext.clone()))
                 .set_encryption_context(kms_context(context))
-                .send()
-                .await;
-            match result {
+                .send();
+            match observed("kms:Decrypt", &key.arn, send).await {
                 Ok(out) => {
                     let mut plain = out.plaintext.map(Blob::into_inner).unwrap_or_default();
                     if out.key_id.as_deref() != Some(key.arn.as_str())
@@ -248,8 +241,7 @@ impl AwsKmsKeyring {
                     }
                     return Ok((SecretBytes::take_from(&mut plain), key.arn.clone()));
                 }
-                Err(e) => {
-                    let err = classify(e, "kms:Decrypt", &key.arn);
+                Err(err) => {
                     if first_error.is_none()
                         || matches!(first_error, Some(Error::DecryptAuthFailed { .. }))
                     {
@@ -305,6 +297,31 @@ fn credentials_failure(err: &(dyn std::error::Error + 'static)) -> Option<String
         cur = e.source();
     }
     None
+}
+
+/// Runs one KMS call in a `kms` span (operation, key ARN, result class),
+/// counts it in the metrics, and classifies its error.
+async fn observed<T, E, R>(
+    operation: &'static str,
+    key_id: &str,
+    send: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+) -> Result<T, Error>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    use tracing::Instrument;
+    let span = tracing::info_span!("kms", operation, key_id, result = tracing::field::Empty);
+    async move {
+        let started = std::time::Instant::now();
+        let result = send.await.map_err(|e| classify(e, operation, key_id));
+        let class = crate::metrics::kms_result(result.as_ref().map(|_| ()));
+        tracing::Span::current().record("result", class);
+        crate::metrics::global().kms_call(operation, class, started.elapsed());
+        result
+    }
+    .instrument(span)
+    .await
 }
 
 /// Sorts an SDK error into the crate's error. Logs the SDK's own text.
