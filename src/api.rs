@@ -452,7 +452,8 @@ impl KeyService for KeyServiceImpl {
             "Wrap",
             caller = %caller.label(),
             key_id = tracing::field::Empty,
-            plaintext_bytes = req.plaintext.len()
+            // i64: OpenTelemetry attributes carry signed integers.
+            plaintext_bytes = req.plaintext.len() as i64
         );
         let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context));
@@ -479,7 +480,7 @@ impl KeyService for KeyServiceImpl {
             "Unwrap",
             caller = %caller.label(),
             key_id = tracing::field::Empty,
-            envelope_bytes = req.envelope.len()
+            envelope_bytes = req.envelope.len() as i64
         );
         let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context));

@@ -376,6 +376,19 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_CACHE_CAPACITY", default_value_t = 1000)]
     pub cache_capacity: usize,
 
+    /// Export traces and metrics over OpenTelemetry OTLP/gRPC; endpoint,
+    /// sampling and interval from the standard OTEL_* variables
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER, ...).
+    #[arg(
+        long,
+        env = "KMS_SIDECAR_OTEL",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub otel: bool,
+
     /// Admin listener for Prometheus metrics (HTTP GET /metrics), as
     /// IP:PORT; off when unset.
     #[arg(long, env = "KMS_SIDECAR_METRICS_LISTEN")]
@@ -498,6 +511,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// Where to serve /metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Export over OTLP.
+    pub otel: bool,
     /// Where audit events go.
     pub audit: AuditSink,
     /// Key of the audit trail's keyed hash.
@@ -593,6 +608,7 @@ impl std::fmt::Display for Config {
             dur(self.shutdown.drain_quiet_period)
         )?;
         writeln!(f, "shutdown-timeout = {}", dur(self.shutdown.timeout))?;
+        writeln!(f, "otel = {}", self.otel)?;
         if let Some(a) = &self.metrics_listen {
             writeln!(f, "metrics-listen = \"{a}\"")?;
         }
@@ -889,6 +905,7 @@ impl TryFrom<Args> for Config {
             },
             policy_file: a.policy_file,
             metrics_listen: a.metrics_listen,
+            otel: a.otel,
             audit: match a.audit_log.trim() {
                 "off" | "" => AuditSink::Off,
                 "stdout" => AuditSink::Stdout,

@@ -16,6 +16,7 @@
 //! - [`access`]: caller identities (Unix socket peer credentials) and the authorization policy.
 //! - [`audit`]: the JSON-lines audit trail, one event per key use.
 //! - [`cache`]: the data-key cache (ESDK caching materials manager semantics), single-flight.
+//! - [`telemetry`]: logs, and OTLP export of traces and metrics (`--otel`).
 //! - [`metrics`]: Prometheus counters and histograms, served on `--metrics-listen`.
 //! - [`keyring`]: where data keys come from: AWS KMS or the local raw AES keyring.
 //! - [`envelope`]: the ESDK message format; pure, no I/O.
@@ -40,6 +41,7 @@ pub mod secret;
 pub mod server;
 pub mod status;
 pub mod streaming;
+pub mod telemetry;
 
 /// Generated protobuf and gRPC code for `kms_sidecar.v1`.
 #[allow(

@@ -22,14 +22,6 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,11 +32,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let otel = match &cli.command {
+        None => cli.serve.otel,
+        Some(Command::Serve(args)) => args.otel,
+        Some(_) => false,
+    };
+    let telemetry = {
+        let _guard = runtime.enter();
+        match kms_sidecar::telemetry::init(otel) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("kms-sidecar: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let code = run_command(&runtime, cli);
+    telemetry.shutdown();
+    code
+}
+
+fn run_command(runtime: &tokio::runtime::Runtime, cli: Cli) -> ExitCode {
     match cli.command {
-        None => serve(&runtime, cli.serve),
-        Some(Command::Serve(args)) => serve(&runtime, args),
-        Some(Command::Health(args)) => health(&runtime, &args),
-        Some(Command::Check(args)) => check(&runtime, args),
+        None => serve(runtime, cli.serve),
+        Some(Command::Serve(args)) => serve(runtime, args),
+        Some(Command::Health(args)) => health(runtime, &args),
+        Some(Command::Check(args)) => check(runtime, args),
         Some(Command::Config(args)) => match Config::try_from(args) {
             Ok(c) => {
                 print!("{c}");

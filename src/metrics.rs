@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::cache::Materials;
@@ -109,11 +109,18 @@ pub fn kms_result(result: Result<(), &Error>) -> &'static str {
 impl Metrics {
     /// Counts a finished RPC.
     pub fn request(&self, method: &'static str, code: tonic::Code, took: Duration) {
+        let code = code_name(code);
         if let Ok(mut m) = self.requests.lock() {
-            *m.entry((method, code_name(code))).or_default() += 1;
+            *m.entry((method, code)).or_default() += 1;
         }
         if let Ok(mut m) = self.request_seconds.lock() {
             m.entry(method).or_default().observe(took.as_secs_f64());
+        }
+        if let Some(otel) = OTEL.get() {
+            otel.requests.record(
+                took.as_secs_f64(),
+                &[KeyValue::new("method", method), KeyValue::new("code", code)],
+            );
         }
     }
 
@@ -125,6 +132,32 @@ impl Metrics {
         if let Ok(mut m) = self.kms_seconds.lock() {
             m.entry(operation).or_default().observe(took.as_secs_f64());
         }
+        if let Some(otel) = OTEL.get() {
+            otel.kms.record(
+                took.as_secs_f64(),
+                &[
+                    KeyValue::new("operation", operation),
+                    KeyValue::new("result", result),
+                ],
+            );
+        }
+    }
+
+    fn snapshot(
+        map: &Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    ) -> Vec<((&'static str, &'static str), u64)> {
+        map.lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn cache_stats(&self) -> Option<crate::cache::CacheStats> {
+        let materials = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().and_then(Weak::upgrade))?;
+        materials.cache().map(crate::cache::DataKeyCache::stats)
     }
 
     /// A streaming call started (+1) or ended (-1).
@@ -210,14 +243,7 @@ impl Metrics {
     }
 
     fn render_cache(&self, out: &mut String) {
-        let materials = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().and_then(Weak::upgrade));
-        let stats = materials
-            .as_ref()
-            .and_then(|m| m.cache().map(crate::cache::DataKeyCache::stats));
+        let stats = self.cache_stats();
         let enabled = u8::from(stats.is_some());
         let s = stats.unwrap_or_default();
         let _ = writeln!(
@@ -267,6 +293,151 @@ impl Metrics {
             s.encrypt_entries, s.decrypt_entries
         );
     }
+}
+
+/// The OpenTelemetry histograms, once OTLP export is on.
+struct OtelInstruments {
+    requests: opentelemetry::metrics::Histogram<f64>,
+    kms: opentelemetry::metrics::Histogram<f64>,
+    /// Observable instruments stay registered while held.
+    _observers: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+static OTEL: OnceLock<OtelInstruments> = OnceLock::new();
+
+use opentelemetry::KeyValue;
+
+/// Registers the metrics with an OpenTelemetry meter (OTLP export): the
+/// counters and gauges of [`Metrics::render`] as observable instruments,
+/// read at each export, and the two latency histograms.
+pub fn register_otel(meter: &opentelemetry::metrics::Meter) {
+    let requests = meter
+        .f64_histogram("kms_sidecar.request.duration")
+        .with_unit("s")
+        .with_description("RPC latency, by method and gRPC code.")
+        .with_boundaries(BUCKETS.to_vec())
+        .build();
+    let kms = meter
+        .f64_histogram("kms_sidecar.kms.call.duration")
+        .with_unit("s")
+        .with_description("KMS call latency, retries included, by operation and result.")
+        .with_boundaries(BUCKETS.to_vec())
+        .build();
+    let mut observers: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.requests")
+            .with_description("RPCs finished, by method and gRPC code.")
+            .with_callback(|o| {
+                for ((method, code), n) in Metrics::snapshot(&global().requests) {
+                    o.observe(
+                        n,
+                        &[KeyValue::new("method", method), KeyValue::new("code", code)],
+                    );
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.kms.calls")
+            .with_description("KMS calls, by operation and result class.")
+            .with_callback(|o| {
+                for ((operation, result), n) in Metrics::snapshot(&global().kms_calls) {
+                    o.observe(
+                        n,
+                        &[
+                            KeyValue::new("operation", operation),
+                            KeyValue::new("result", result),
+                        ],
+                    );
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.cache.hits")
+            .with_description("Data keys served by the cache, by side.")
+            .with_callback(|o| {
+                if let Some(s) = global().cache_stats() {
+                    o.observe(s.encrypt_hits, &[KeyValue::new("side", "encrypt")]);
+                    o.observe(s.decrypt_hits, &[KeyValue::new("side", "decrypt")]);
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.cache.misses")
+            .with_description("Cache lookups that asked KMS, by side.")
+            .with_callback(|o| {
+                if let Some(s) = global().cache_stats() {
+                    o.observe(s.encrypt_misses, &[KeyValue::new("side", "encrypt")]);
+                    o.observe(s.decrypt_misses, &[KeyValue::new("side", "decrypt")]);
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.cache.evictions")
+            .with_description("Cache entries removed, by cause.")
+            .with_callback(|o| {
+                if let Some(s) = global().cache_stats() {
+                    for (cause, n) in [
+                        ("age", s.evicted_age),
+                        ("messages", s.evicted_messages),
+                        ("bytes", s.evicted_bytes),
+                        ("capacity", s.evicted_capacity),
+                        ("flush", s.evicted_flush),
+                    ] {
+                        o.observe(n, &[KeyValue::new("cause", cause)]);
+                    }
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_gauge("kms_sidecar.cache.entries")
+            .with_description("Cache entries now, by side.")
+            .with_callback(|o| {
+                if let Some(s) = global().cache_stats() {
+                    o.observe(s.encrypt_entries, &[KeyValue::new("side", "encrypt")]);
+                    o.observe(s.decrypt_entries, &[KeyValue::new("side", "decrypt")]);
+                }
+            })
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .i64_observable_gauge("kms_sidecar.streams.in_flight")
+            .with_description("Streaming calls in progress.")
+            .with_callback(|o| o.observe(global().streams_in_flight.load(Ordering::Relaxed), &[]))
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.plaintext.sealed")
+            .with_unit("By")
+            .with_description("Plaintext bytes sealed into envelopes.")
+            .with_callback(|o| o.observe(global().bytes_sealed.load(Ordering::Relaxed), &[]))
+            .build(),
+    ));
+    observers.push(Box::new(
+        meter
+            .u64_observable_counter("kms_sidecar.plaintext.opened")
+            .with_unit("By")
+            .with_description("Plaintext bytes opened from envelopes.")
+            .with_callback(|o| o.observe(global().bytes_opened.load(Ordering::Relaxed), &[]))
+            .build(),
+    ));
+    let _ = OTEL.set(OtelInstruments {
+        requests,
+        kms,
+        _observers: observers,
+    });
 }
 
 fn counter_family(
