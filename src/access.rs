@@ -3,14 +3,21 @@
 //!
 //! - On a Unix socket the caller is the peer process's uid and gid, from
 //!   the kernel (`SO_PEERCRED`), which the caller cannot forge.
-//! - On TCP the caller is anonymous (the remote address is kept for the
-//!   audit trail only; addresses are not identities).
+//! - On TCP with mutual TLS (`--tls-client-ca`) the caller is named by its
+//!   verified client certificate: its SAN URIs (SPIFFE IDs) and DNS names.
+//! - Otherwise (plain TCP, TLS without client certificates, or a client
+//!   certificate without SAN URI or DNS name) the caller is anonymous (the
+//!   remote address is kept for the audit trail only; addresses are not
+//!   identities).
 //!
 //! A policy file (`--policy-file`, TOML) lists what each identity may do:
 //!
 //! ```toml
 //! [[allow]]
-//! caller = "uid:1000"                 # uid:N, gid:N, anonymous, or "*"
+//! caller = "uid:1000"                 # uid:N, gid:N, anonymous, or "*";
+//!                                     # mTLS: "spiffe://td/ns/app/sa/web",
+//!                                     # "spiffe://td/ns/app/*" (path prefix),
+//!                                     # or "dns:web.app.svc"
 //! operations = ["wrap", "unwrap"]     # or "*"
 //! keys = ["arn:aws:kms:…:key/…"]      # configured keys (ID, ARN, alias), or "*"
 //! ```
@@ -34,6 +41,15 @@ pub enum Caller {
         /// Its group ID.
         gid: u32,
     },
+    /// A TCP client with a verified certificate (mutual TLS).
+    Certificate {
+        /// Its SAN URIs (SPIFFE IDs).
+        uris: Vec<String>,
+        /// Its SAN DNS names.
+        dns: Vec<String>,
+        /// The remote address (for the audit trail).
+        peer: Option<String>,
+    },
     /// No verified identity (TCP).
     Anonymous {
         /// The remote address, if known (for the audit trail).
@@ -54,17 +70,44 @@ impl Caller {
                 gid: cred.gid(),
             };
         }
-        Self::Anonymous {
-            peer: request.remote_addr().map(|a| a.to_string()),
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let leaf = request
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(tonic::transport::server::TlsConnectInfo::peer_certs);
+        if let Some(certs) = leaf
+            && let Some(leaf) = certs.first()
+        {
+            let names = crate::tls::peer_names(leaf);
+            if !names.uris.is_empty() || !names.dns.is_empty() {
+                return Self::Certificate {
+                    uris: names.uris,
+                    dns: names.dns,
+                    peer,
+                };
+            }
         }
+        Self::Anonymous { peer }
     }
 
-    /// The identity as policies and messages name it: `uid:1000` or
-    /// `anonymous`.
+    /// The identity as policies and messages name it: `uid:1000`,
+    /// the certificate's first SAN URI, `dns:NAME`, or `anonymous`.
     pub fn label(&self) -> String {
         match self {
             Self::Unix { uid, .. } => format!("uid:{uid}"),
+            Self::Certificate { uris, dns, .. } => uris
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("dns:{}", dns.first().map_or("", String::as_str))),
             Self::Anonymous { .. } => "anonymous".to_owned(),
+        }
+    }
+
+    /// The remote address of a TCP caller.
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            Self::Certificate { peer, .. } | Self::Anonymous { peer } => peer.as_deref(),
+            Self::Unix { .. } => None,
         }
     }
 }
@@ -109,6 +152,12 @@ impl Operation {
 enum Who {
     Uid(u32),
     Gid(u32),
+    /// A SAN URI, exactly.
+    Uri(String),
+    /// SAN URIs under a path prefix (the rule's `…/*` without the `*`).
+    UriPrefix(String),
+    /// A SAN DNS name, exactly (ASCII case-insensitive).
+    Dns(String),
     Anonymous,
     Anyone,
 }
@@ -184,6 +233,13 @@ impl Policy {
                 (Who::Anyone, _) => true,
                 (Who::Uid(u), Caller::Unix { uid, .. }) => u == uid,
                 (Who::Gid(g), Caller::Unix { gid, .. }) => g == gid,
+                (Who::Uri(want), Caller::Certificate { uris, .. }) => uris.contains(want),
+                (Who::UriPrefix(prefix), Caller::Certificate { uris, .. }) => {
+                    uris.iter().any(|u| u.starts_with(prefix.as_str()))
+                }
+                (Who::Dns(want), Caller::Certificate { dns, .. }) => {
+                    dns.iter().any(|d| d.eq_ignore_ascii_case(want))
+                }
                 (Who::Anonymous, Caller::Anonymous { .. }) => true,
                 _ => false,
             };
@@ -259,9 +315,33 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
                 Who::Uid(parse_id(n)?)
             } else if let Some(n) = other.strip_prefix("gid:") {
                 Who::Gid(parse_id(n)?)
+            } else if let Some(name) = other.strip_prefix("dns:") {
+                if name.is_empty() || name.contains('*') {
+                    return Err(format!(
+                        "invalid caller {other:?}: dns: needs one exact DNS name"
+                    ));
+                }
+                Who::Dns(name.to_owned())
+            } else if let Some((scheme, rest)) = other.split_once("://") {
+                if scheme.is_empty() || rest.is_empty() {
+                    return Err(format!(
+                        "invalid caller {other:?}: a URI needs a scheme and a path"
+                    ));
+                }
+                match other.strip_suffix('*') {
+                    Some(prefix) if prefix.ends_with('/') && !prefix.contains('*') => {
+                        Who::UriPrefix(prefix.to_owned())
+                    }
+                    None if !other.contains('*') => Who::Uri(other.to_owned()),
+                    _ => {
+                        return Err(format!(
+                            "invalid caller {other:?}: a URI may end in /* (path prefix) but hold no other *"
+                        ));
+                    }
+                }
             } else {
                 return Err(format!(
-                    "invalid caller {other:?}: use uid:N, gid:N, anonymous or *"
+                    "invalid caller {other:?}: use uid:N, gid:N, a SAN URI (spiffe://…), dns:NAME, anonymous or *"
                 ));
             }
         }

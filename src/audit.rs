@@ -135,7 +135,7 @@ impl Audit {
         field(&mut line, "time", &timestamp(pending.time));
         line.push(',');
         field(&mut line, "caller", &pending.caller.label());
-        if let Caller::Anonymous { peer: Some(peer) } = &pending.caller {
+        if let Some(peer) = pending.caller.peer() {
             line.push(',');
             field(&mut line, "peer", peer);
         }

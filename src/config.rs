@@ -395,7 +395,8 @@ pub struct Args {
     pub metrics_listen: Option<SocketAddr>,
 
     /// Authorization policy (TOML): which callers (uid:N, gid:N on Unix
-    /// sockets; anonymous on TCP) may use which keys for which operations.
+    /// sockets; SAN URI or dns:NAME with mTLS; anonymous) may use which
+    /// keys for which operations.
     /// Without it every caller may do everything (a warning at start).
     #[arg(long, env = "KMS_SIDECAR_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
@@ -410,6 +411,27 @@ pub struct Args {
     /// then compare only within one run).
     #[arg(long, env = "KMS_SIDECAR_AUDIT_HASH_KEY_FILE")]
     pub audit_hash_key_file: Option<PathBuf>,
+
+    /// TLS on the TCP listeners: server certificate chain (PEM, leaf
+    /// first). Needs --tls-key. Unix sockets are never wrapped in TLS.
+    #[arg(long, env = "KMS_SIDECAR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "KMS_SIDECAR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: CA certificates (PEM) that TCP clients' certificates
+    /// must chain to; clients without one are refused. Their SAN URI
+    /// (SPIFFE ID) and DNS names identify them to the policy.
+    #[arg(long, env = "KMS_SIDECAR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes; changed files are
+    /// loaded without a restart (a file that does not load keeps the
+    /// previous ones in use).
+    #[arg(long, env = "KMS_SIDECAR_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
 
     /// Group (numeric gid) that owns Unix sockets; default: the process's.
     #[arg(long, env = "KMS_SIDECAR_UNIX_SOCKET_GROUP")]
@@ -517,6 +539,10 @@ pub struct Config {
     pub audit: AuditSink,
     /// Key of the audit trail's keyed hash.
     pub audit_hash_key_file: Option<PathBuf>,
+    /// TLS (and mTLS) on TCP listeners.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// How often the TLS files are checked for changes.
+    pub tls_reload_interval: Duration,
 }
 
 impl std::fmt::Display for Config {
@@ -624,6 +650,14 @@ impl std::fmt::Display for Config {
         writeln!(f, "audit-log = {audit:?}")?;
         if let Some(p) = &self.audit_hash_key_file {
             writeln!(f, "audit-hash-key-file = {:?}", p.display().to_string())?;
+        }
+        if let Some(tls) = &self.tls {
+            writeln!(f, "tls-cert = {:?}", tls.cert.display().to_string())?;
+            writeln!(f, "tls-key = {:?}", tls.key.display().to_string())?;
+            if let Some(ca) = &tls.client_ca {
+                writeln!(f, "tls-client-ca = {:?}", ca.display().to_string())?;
+            }
+            writeln!(f, "tls-reload-interval = {}", dur(self.tls_reload_interval))?;
         }
         Ok(())
     }
@@ -838,6 +872,7 @@ impl TryFrom<Args> for Config {
             ),
             ("--stream-idle-timeout", a.stream_idle_timeout),
             ("--stream-stall-timeout", a.stream_stall_timeout),
+            ("--tls-reload-interval", a.tls_reload_interval),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be positive"));
@@ -918,6 +953,21 @@ impl TryFrom<Args> for Config {
                 }
             },
             audit_hash_key_file: a.audit_hash_key_file,
+            tls: match (a.tls_cert, a.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: a.tls_client_ca,
+                }),
+                (None, None) if a.tls_client_ca.is_none() => None,
+                _ => {
+                    return Err(
+                        "--tls-cert and --tls-key go together (and --tls-client-ca needs both)"
+                            .into(),
+                    );
+                }
+            },
+            tls_reload_interval: a.tls_reload_interval,
         })
     }
 }

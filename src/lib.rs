@@ -42,6 +42,7 @@ pub mod server;
 pub mod status;
 pub mod streaming;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated protobuf and gRPC code for `kms_sidecar.v1`.
 #[allow(
@@ -152,6 +153,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         config.unix_socket_group,
     )
     .await?;
+    let listeners = match &config.tls {
+        None => listeners,
+        Some(files) => {
+            let tls = tls::TlsServer::load(files.clone())?;
+            if !listeners
+                .iter()
+                .any(|l| matches!(l, server::Listener::Tcp(_)))
+            {
+                tracing::warn!("TLS is configured but no TCP address is listened on");
+            }
+            tls.spawn_reloader(config.tls_reload_interval);
+            listeners.into_iter().map(|l| l.with_tls(&tls)).collect()
+        }
+    };
     for l in &listeners {
         tracing::info!(address = %l.local_addr(), "serving kms_sidecar.v1.KeyService");
     }

@@ -34,6 +34,8 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A Unix listener and the socket path to remove at exit.
     Unix(UnixListener, PathBuf),
+    /// A TCP listener whose connections are TLS (mTLS with a client CA).
+    Tls(TcpListener, crate::tls::TlsServer),
 }
 
 impl Listener {
@@ -43,7 +45,25 @@ impl Listener {
             Self::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
+            Self::Tls(l, tls) => {
+                let mode = if tls.requires_client_certs() {
+                    "mtls"
+                } else {
+                    "tls"
+                };
+                l.local_addr()
+                    .map_or_else(|_| format!("{mode}:?"), |a| format!("{a} ({mode})"))
+            }
             Self::Unix(_, p) => format!("unix://{}", p.display()),
+        }
+    }
+
+    /// This listener with TLS if it is a TCP one.
+    #[must_use]
+    pub fn with_tls(self, tls: &crate::tls::TlsServer) -> Self {
+        match self {
+            Self::Tcp(l) => Self::Tls(l, tls.clone()),
+            other => other,
         }
     }
 }
@@ -228,6 +248,9 @@ pub async fn serve_with(
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(Duration::from_secs(60)));
                 tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            }
+            Listener::Tls(l, tls) => {
+                tasks.spawn(router.serve_with_incoming_shutdown(tls.incoming(l), stopped));
             }
             Listener::Unix(l, path) => {
                 socket_paths.push(path);

@@ -262,7 +262,15 @@ fn policy_file_mistakes_are_explained() {
         ),
         (
             "[[allow]]\ncaller = \"user:1\"\noperations = \"*\"\nkeys = \"*\"\n",
-            "invalid caller \"user:1\": use uid:N, gid:N, anonymous or *",
+            "invalid caller \"user:1\": use uid:N, gid:N, a SAN URI (spiffe://…), dns:NAME, anonymous or *",
+        ),
+        (
+            "[[allow]]\ncaller = \"spiffe://td/ns/*/sa/x\"\noperations = \"*\"\nkeys = \"*\"\n",
+            "a URI may end in /* (path prefix) but hold no other *",
+        ),
+        (
+            "[[allow]]\ncaller = \"dns:*.svc\"\noperations = \"*\"\nkeys = \"*\"\n",
+            "dns: needs one exact DNS name",
         ),
         (
             "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkey = \"*\"\n",

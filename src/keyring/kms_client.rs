@@ -115,6 +115,9 @@ struct Shared {
     margin: Duration,
     current: RwLock<Option<Credentials>>,
     refresh: Arc<tokio::sync::Mutex<Backoff>>,
+    /// The last refresh's error (empty before any failure and after a
+    /// success); readable while a refresh holds `refresh`.
+    failure: RwLock<String>,
 }
 
 #[derive(Debug)]
@@ -122,7 +125,6 @@ struct Backoff {
     last_attempt: Option<Instant>,
     next_attempt: Option<Instant>,
     delay: Duration,
-    last_error: String,
 }
 
 impl RefreshingCredentials {
@@ -137,8 +139,8 @@ impl RefreshingCredentials {
                     last_attempt: None,
                     next_attempt: None,
                     delay: REFRESH_BACKOFF.0,
-                    last_error: String::new(),
                 })),
+                failure: RwLock::new(String::new()),
             }),
         }
     }
@@ -166,19 +168,31 @@ impl RefreshingCredentials {
         // a background refresh retries (at most once a second), so calls
         // never queue behind a slow or failing STS.
         let Ok(guard) = Arc::clone(&shared.refresh).try_lock_owned() else {
-            let guard = shared.refresh.lock().await;
+            // A refresh is in progress (its STS call may take seconds
+            // with the SDK's own retries). Only at start, before any
+            // credentials or failure, do calls wait for it.
+            let failure = shared.failure();
+            if !failure.is_empty() {
+                return Err(CredentialsError::provider_error(failure));
+            }
+            if shared.current.read().is_ok_and(|c| c.is_some()) {
+                return Err(CredentialsError::provider_error(
+                    "the AWS credentials expired and their refresh is still in progress",
+                ));
+            }
+            let _guard = shared.refresh.lock().await;
             if let Some((c, _)) = shared.usable() {
                 return Ok(c);
             }
-            return Err(CredentialsError::provider_error(guard.last_error.clone()));
+            return Err(CredentialsError::provider_error(shared.failure()));
         };
         if let Some((c, _)) = shared.usable() {
             return Ok(c);
         }
-        if guard.last_error.is_empty() {
+        let error = shared.failure();
+        if error.is_empty() {
             return shared.refresh(guard).await;
         }
-        let error = guard.last_error.clone();
         if guard
             .last_attempt
             .is_none_or(|t| t.elapsed() >= REFRESH_BACKOFF.0)
@@ -193,6 +207,12 @@ impl RefreshingCredentials {
 }
 
 impl Shared {
+    /// The last refresh's error; empty before the first failure and after
+    /// a success.
+    fn failure(&self) -> String {
+        self.failure.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
     /// The current credentials unless expired, with their freshness.
     fn usable(&self) -> Option<(Credentials, Freshness)> {
         let c = self.current.read().ok().and_then(|c| c.clone())?;
@@ -228,12 +248,16 @@ impl Shared {
                 }
                 backoff.next_attempt = None;
                 backoff.delay = REFRESH_BACKOFF.0;
-                backoff.last_error.clear();
+                if let Ok(mut failure) = self.failure.write() {
+                    failure.clear();
+                }
                 Ok(fresh)
             }
             Err(err) => {
                 let reason = upstream_code(&err);
-                backoff.last_error.clone_from(&reason);
+                if let Ok(mut failure) = self.failure.write() {
+                    failure.clone_from(&reason);
+                }
                 let usable = self.usable().map(|(c, _)| c);
                 // Never wait past half of the remaining validity, so that
                 // a recovered STS is used before the credentials expire.
