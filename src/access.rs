@@ -28,6 +28,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use crate::envelope::EncryptionContext;
 use crate::error::Error;
 use crate::keyring::Keyring;
 
@@ -385,14 +386,23 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
     })
 }
 
-/// What the service checks and records for each call: the policy and the
-/// audit trail.
+/// The encryption-context key that carries the caller's identity in
+/// envelopes wrapped with caller binding (`--bind-caller`). Reserved:
+/// callers may never set it on Wrap.
+pub const CALLER_CONTEXT_KEY: &str = "kms-sidecar:caller";
+
+/// What the service checks and records for each call: the policy, the
+/// audit trail, and whether envelopes are bound to their caller.
 #[derive(Debug, Default)]
 pub struct Access {
     /// Who may do what.
     pub policy: Policy,
     /// Where key uses are recorded, if anywhere.
     pub audit: Option<crate::audit::Audit>,
+    /// Caller binding: Wrap records the caller's identity in the envelope's
+    /// encryption context ([`CALLER_CONTEXT_KEY`]), and Unwrap opens only
+    /// envelopes bound to the calling identity.
+    pub bind_caller: bool,
 }
 
 impl Access {
@@ -417,6 +427,79 @@ impl Access {
         };
         let audit =
             crate::audit::Audit::open(&config.audit, config.audit_hash_key_file.as_deref())?;
-        Ok(Self { policy, audit })
+        if config.bind_caller {
+            tracing::info!(
+                context_key = CALLER_CONTEXT_KEY,
+                "caller binding on: envelopes open only for the identity that wrapped them"
+            );
+        }
+        Ok(Self {
+            policy,
+            audit,
+            bind_caller: config.bind_caller,
+        })
+    }
+
+    /// The context of a new envelope: the caller's pairs, plus its identity
+    /// when caller binding is on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] when the caller sets the reserved
+    /// [`CALLER_CONTEXT_KEY`] (refused with or without binding, so that no
+    /// envelope can claim another caller's identity).
+    pub fn bind_for_wrap(
+        &self,
+        caller: &Caller,
+        mut context: std::collections::HashMap<String, String>,
+    ) -> Result<std::collections::HashMap<String, String>, Error> {
+        if context.contains_key(CALLER_CONTEXT_KEY) {
+            return Err(Error::InvalidRequest(format!(
+                "encryption context key {CALLER_CONTEXT_KEY:?} is reserved: the sidecar sets it \
+                 to the caller's identity when caller binding (--bind-caller) is on"
+            )));
+        }
+        if self.bind_caller {
+            context.insert(CALLER_CONTEXT_KEY.to_owned(), caller.label());
+        }
+        Ok(context)
+    }
+
+    /// The context to compare with an envelope's: with caller binding, the
+    /// envelope must be bound to this caller, whose identity is added to the
+    /// supplied pairs. Without binding, the supplied pairs as they are (a
+    /// bound envelope then opens with its `kms-sidecar:caller` pair
+    /// supplied like any other).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRequest`] when, with binding, the caller supplies the
+    /// reserved key; [`Error::CallerBindingMismatch`] when the envelope is
+    /// bound to another identity or to none. (The context is in the clear
+    /// in every envelope header, so saying so reveals nothing new.)
+    pub fn bind_for_unwrap(
+        &self,
+        caller: &Caller,
+        envelope: &EncryptionContext,
+        mut supplied: EncryptionContext,
+    ) -> Result<EncryptionContext, Error> {
+        if !self.bind_caller {
+            return Ok(supplied);
+        }
+        let me = caller.label();
+        match envelope.get(CALLER_CONTEXT_KEY) {
+            Some(bound) if bound == me => {}
+            bound => {
+                return Err(Error::CallerBindingMismatch {
+                    caller: me,
+                    bound: bound.is_some(),
+                });
+            }
+        }
+        if !supplied.insert_new(CALLER_CONTEXT_KEY.to_owned(), me) {
+            return Err(Error::InvalidRequest(format!(
+                "encryption context key {CALLER_CONTEXT_KEY:?} is reserved: with caller binding \
+                 (--bind-caller) the sidecar supplies it; leave it out"
+            )));
+        }
+        Ok(supplied)
     }
 }

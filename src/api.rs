@@ -167,7 +167,7 @@ impl KeyServiceImpl {
         }
         let (key_id, sealer, header) = start_envelope(
             &self.materials,
-            (&self.access.policy, caller),
+            (&self.access, caller),
             &self.config,
             &req.key_id,
             std::mem::take(&mut req.encryption_context),
@@ -192,13 +192,8 @@ impl KeyServiceImpl {
         let parsed = envelope::parse_header(&req.envelope, &self.config.limits)?
             .ok_or(Error::auth("envelope shorter than its header"))?;
         let supplied = EncryptionContext::from_pairs(req.encryption_context);
-        let (opener, key_id) = open_header(
-            &self.materials,
-            (&self.access.policy, caller),
-            &parsed,
-            &supplied,
-        )
-        .await?;
+        let (opener, key_id) =
+            open_header(&self.materials, (&self.access, caller), &parsed, supplied).await?;
         let body = req.envelope.get(parsed.len..).unwrap_or_default();
         let plaintext = opener.open_all(body)?;
         Ok(UnwrapResponse {
@@ -282,26 +277,29 @@ impl AdminService for AdminServiceImpl {
     }
 }
 
-/// Opens a parsed header for Unwrap or UnwrapStream: the supplied context
-/// must equal the envelope's; a configured key recovers the data key; the
-/// key commitment and header tag are verified. Returns the body opener and
-/// the key ID.
+/// Opens a parsed header for Unwrap or UnwrapStream: with caller binding,
+/// the envelope must be bound to this caller; the supplied context must
+/// equal the envelope's; a configured key recovers the data key; the key
+/// commitment and header tag are verified. Returns the body opener and the
+/// key ID.
 ///
 /// # Errors
+/// [`Error::CallerBindingMismatch`] for an envelope of another caller,
 /// [`Error::DecryptAuthFailed`] for a context mismatch or any
 /// authentication failure; KMS errors as classified.
 pub(crate) async fn open_header(
     materials: &Materials,
-    (policy, caller): (&Policy, &Caller),
+    (access, caller): (&Access, &Caller),
     parsed: &envelope::ParsedHeader,
-    supplied: &EncryptionContext,
+    supplied: EncryptionContext,
 ) -> Result<(envelope::Opener, String), Error> {
-    if !parsed.header.context.matches_ignoring_reserved(supplied) {
+    let supplied = access.bind_for_unwrap(caller, &parsed.header.context, supplied)?;
+    if !parsed.header.context.matches_ignoring_reserved(&supplied) {
         return Err(Error::auth("encryption context differs"));
     }
     let edks = allowed_edks(
         materials.keyring(),
-        policy,
+        &access.policy,
         caller,
         &parsed.header.encrypted_data_keys,
     )?;
@@ -352,27 +350,31 @@ fn allowed_edks<'a>(
     }
 }
 
-/// Starts a new envelope for Wrap or WrapStream: validates the context,
-/// resolves the key, gets a data key (cached when `plaintext_len` is known
-/// and the cache is on) and derives the message key. Returns the key ID,
-/// the sealer and the serialized header.
+/// Starts a new envelope for Wrap or WrapStream: validates the context
+/// (binding the caller into it when configured), resolves the key, gets a
+/// data key (cached when `plaintext_len` is known and the cache is on) and
+/// derives the message key. Returns the key ID, the sealer and the
+/// serialized header.
 ///
 /// # Errors
 /// Invalid context or key, and KMS errors.
 pub(crate) async fn start_envelope(
     materials: &Materials,
-    (policy, caller): (&Policy, &Caller),
+    (access, caller): (&Access, &Caller),
     config: &ServiceConfig,
     requested_key: &str,
     encryption_context: std::collections::HashMap<String, String>,
     frame_length: u32,
     plaintext_len: Option<u64>,
 ) -> Result<(String, envelope::Sealer, Vec<u8>), Error> {
+    let encryption_context = access.bind_for_wrap(caller, encryption_context)?;
     let context =
         EncryptionContext::from_request(encryption_context, config.limits.max_context_bytes)?;
     let key_id = materials.keyring().resolve(requested_key)?.to_owned();
     tracing::Span::current().record("key_id", key_id.as_str());
-    policy.check(caller, Operation::Wrap, Some(&key_id))?;
+    access
+        .policy
+        .check(caller, Operation::Wrap, Some(&key_id))?;
     let material = materials
         .for_encrypt(&key_id, &context, plaintext_len)
         .await?;
@@ -386,22 +388,36 @@ pub(crate) async fn start_envelope(
     Ok((key_id, sealer, header))
 }
 
-/// Ends a unary call: counts it in the metrics, logs a failure (reason and
-/// class only) and converts the result.
+/// Ends a unary call: records its result on its span, counts it in the
+/// metrics, logs a failure (reason and class only) and converts it.
 fn reply<R>(
     method: &'static str,
+    span: &tracing::Span,
     started: std::time::Instant,
     result: Result<R, Error>,
     supplied_context_keys: &[&str],
 ) -> Result<Response<R>, Status> {
-    let result = result
-        .map(Response::new)
-        .map_err(|e| log_failure(&e, supplied_context_keys));
+    record_result(span, result.as_ref().map(|_| ()));
+    let result = span.in_scope(|| {
+        result
+            .map(Response::new)
+            .map_err(|e| log_failure(&e, supplied_context_keys))
+    });
     let code = result
         .as_ref()
         .map_or_else(Status::code, |_| tonic::Code::Ok);
+    span.record("code", crate::metrics::code_name(code));
     crate::metrics::global().request(method, code, started.elapsed());
     result
+}
+
+/// Records an RPC's result class (`ok` or [`crate::error::ErrorClass::name`])
+/// on its span.
+pub(crate) fn record_result(span: &tracing::Span, result: Result<(), &Error>) {
+    span.record(
+        "result",
+        result.map_or_else(|e| e.class().name(), |()| "ok"),
+    );
 }
 
 /// Logs a failed call (reason and class only) and converts it.
@@ -431,18 +447,23 @@ impl KeyService for KeyServiceImpl {
             caller = %caller.label(),
             key_id = tracing::field::Empty,
             number_of_bytes = req.number_of_bytes,
-            without_plaintext = req.without_plaintext
+            without_plaintext = req.without_plaintext,
+            result = tracing::field::Empty,
+            code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "GenerateDataKey", Some(&req.encryption_context));
-        let result = self.generate_data_key(req, &caller).instrument(span).await;
+        let result = self
+            .generate_data_key(req, &caller)
+            .instrument(span.clone())
+            .await;
         self.finish_audit(audit, 0, &result, |r| {
             (
                 Some(r.key_id.as_str()),
                 r.plaintext.len() + r.ciphertext_blob.len(),
             )
         });
-        reply("GenerateDataKey", started, result, &[])
+        reply("GenerateDataKey", &span, started, result, &[])
     }
 
     async fn wrap(&self, request: Request<WrapRequest>) -> Result<Response<WrapResponse>, Status> {
@@ -453,19 +474,22 @@ impl KeyService for KeyServiceImpl {
             caller = %caller.label(),
             key_id = tracing::field::Empty,
             // i64: OpenTelemetry attributes carry signed integers.
-            plaintext_bytes = req.plaintext.len() as i64
+            plaintext_bytes = req.plaintext.len() as i64,
+            cache_hit = tracing::field::Empty,
+            result = tracing::field::Empty,
+            code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context));
         let bytes_in = req.plaintext.len();
-        let result = self.wrap(req, &caller).instrument(span).await;
+        let result = self.wrap(req, &caller).instrument(span.clone()).await;
         self.finish_audit(audit, bytes_in, &result, |r| {
             (Some(r.key_id.as_str()), r.envelope.len())
         });
         if result.is_ok() {
             crate::metrics::global().sealed(bytes_in as u64);
         }
-        reply("Wrap", started, result, &[])
+        reply("Wrap", &span, started, result, &[])
     }
 
     async fn unwrap(
@@ -480,12 +504,15 @@ impl KeyService for KeyServiceImpl {
             "Unwrap",
             caller = %caller.label(),
             key_id = tracing::field::Empty,
-            envelope_bytes = req.envelope.len() as i64
+            envelope_bytes = req.envelope.len() as i64,
+            cache_hit = tracing::field::Empty,
+            result = tracing::field::Empty,
+            code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
         let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context));
         let bytes_in = req.envelope.len();
-        let result = self.unwrap(req, &caller).instrument(span).await;
+        let result = self.unwrap(req, &caller).instrument(span.clone()).await;
         self.finish_audit(audit, bytes_in, &result, |r| {
             (Some(r.key_id.as_str()), r.plaintext.len())
         });
@@ -493,7 +520,7 @@ impl KeyService for KeyServiceImpl {
             crate::metrics::global().opened(r.plaintext.len() as u64);
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        reply("Unwrap", started, result, &keys)
+        reply("Unwrap", &span, started, result, &keys)
     }
 
     type WrapStreamStream = ResponseStream<WrapStreamResponse>;
@@ -506,7 +533,10 @@ impl KeyService for KeyServiceImpl {
         let _enter = tracing::info_span!(
             "WrapStream",
             caller = %caller.label(),
-            key_id = tracing::field::Empty
+            key_id = tracing::field::Empty,
+            cache_hit = tracing::field::Empty,
+            result = tracing::field::Empty,
+            code = tracing::field::Empty
         )
         .entered();
         self.streams
@@ -524,7 +554,10 @@ impl KeyService for KeyServiceImpl {
         let _enter = tracing::info_span!(
             "UnwrapStream",
             caller = %caller.label(),
-            key_id = tracing::field::Empty
+            key_id = tracing::field::Empty,
+            cache_hit = tracing::field::Empty,
+            result = tracing::field::Empty,
+            code = tracing::field::Empty
         )
         .entered();
         self.streams

@@ -445,6 +445,7 @@ impl DataKeyCache {
     {
         if usage.is_some_and(|len| len > self.config.max_bytes) {
             // Over the byte limit on its own: never cached, never waits.
+            record_cache_hit(false);
             return load().await.map(Arc::new);
         }
         let which = V::WHICH.index();
@@ -456,6 +457,7 @@ impl DataKeyCache {
                     if let Some(c) = self.counters.hits.get(which) {
                         c.fetch_add(1, Ordering::Relaxed);
                     }
+                    record_cache_hit(true);
                     return Ok(hit);
                 }
                 let side = V::side(&mut inner);
@@ -489,6 +491,7 @@ impl DataKeyCache {
         if let Some(c) = self.counters.misses.get(which) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+        record_cache_hit(false);
         let result = load().await.map(Arc::new);
         if let Ok(value) = &result {
             self.insert(key, value, usage);
@@ -498,6 +501,12 @@ impl DataKeyCache {
         }
         result
     }
+}
+
+/// Records on the current RPC span whether its data key came from the
+/// cache (`false`: KMS or the local keyring made or opened it).
+fn record_cache_hit(hit: bool) {
+    tracing::Span::current().record("cache_hit", hit);
 }
 
 fn sweep_side<V>(side: &mut Side<V>, now: Duration, max_age: Duration) -> usize {
@@ -610,7 +619,10 @@ impl Materials {
                 ]);
                 cache.get_or_load(key, Some(len), load).await
             }
-            _ => load().await.map(Arc::new),
+            _ => {
+                record_cache_hit(false);
+                load().await.map(Arc::new)
+            }
         }
     }
 
@@ -628,6 +640,7 @@ impl Materials {
             Ok(DecryptionMaterial { data_key, key_id })
         };
         let Some(cache) = &self.cache else {
+            record_cache_hit(false);
             return load().await.map(Arc::new);
         };
         let mut serialized = Vec::new();

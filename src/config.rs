@@ -412,6 +412,21 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_AUDIT_HASH_KEY_FILE")]
     pub audit_hash_key_file: Option<PathBuf>,
 
+    /// Caller binding: Wrap adds the caller's identity (uid:N, SAN URI,
+    /// dns:NAME, anonymous) to the envelope's encryption context as
+    /// "kms-sidecar:caller", and Unwrap opens only envelopes bound to the
+    /// calling identity, so one tenant's envelope cannot be unwrapped
+    /// through another's.
+    #[arg(
+        long,
+        env = "KMS_SIDECAR_BIND_CALLER",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub bind_caller: bool,
+
     /// TLS on the TCP listeners: server certificate chain (PEM, leaf
     /// first). Needs --tls-key. Unix sockets are never wrapped in TLS.
     #[arg(long, env = "KMS_SIDECAR_TLS_CERT", requires = "tls_key")]
@@ -539,6 +554,8 @@ pub struct Config {
     pub audit: AuditSink,
     /// Key of the audit trail's keyed hash.
     pub audit_hash_key_file: Option<PathBuf>,
+    /// Bind envelopes to the identity of the caller that wrapped them.
+    pub bind_caller: bool,
     /// TLS (and mTLS) on TCP listeners.
     pub tls: Option<crate::tls::TlsFiles>,
     /// How often the TLS files are checked for changes.
@@ -651,6 +668,7 @@ impl std::fmt::Display for Config {
         if let Some(p) = &self.audit_hash_key_file {
             writeln!(f, "audit-hash-key-file = {:?}", p.display().to_string())?;
         }
+        writeln!(f, "bind-caller = {}", self.bind_caller)?;
         if let Some(tls) = &self.tls {
             writeln!(f, "tls-cert = {:?}", tls.cert.display().to_string())?;
             writeln!(f, "tls-key = {:?}", tls.key.display().to_string())?;
@@ -953,6 +971,7 @@ impl TryFrom<Args> for Config {
                 }
             },
             audit_hash_key_file: a.audit_hash_key_file,
+            bind_caller: a.bind_caller,
             tls: match (a.tls_cert, a.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
                     cert,

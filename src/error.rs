@@ -181,6 +181,24 @@ pub enum Error {
         key_id: Option<String>,
     },
 
+    /// Caller binding (`--bind-caller`) is on and the envelope is bound to
+    /// another caller identity, or to none.
+    #[error(
+        "{caller} may not unwrap this envelope: {}",
+        if *bound {
+            "it is bound to another caller identity (--bind-caller)"
+        } else {
+            "it is not bound to a caller identity, and with --bind-caller only envelopes \
+             wrapped by the same identity open"
+        }
+    )]
+    CallerBindingMismatch {
+        /// The caller's identity, as policies name it.
+        caller: String,
+        /// Whether the envelope names a (different) identity at all.
+        bound: bool,
+    },
+
     /// A bug or an environment failure (random generator, I/O) in the sidecar.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -203,6 +221,20 @@ pub enum ErrorClass {
     Internal,
 }
 
+impl ErrorClass {
+    /// The stable name of the class: the `result` field of RPC spans.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Caller => "caller_error",
+            Self::DataCorrupt => "data_corrupt",
+            Self::KeyUnusable => "key_unusable",
+            Self::Throttled => "throttled",
+            Self::BackendUnavailable => "backend_unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 impl Error {
     /// The class of this error.
     pub fn class(&self) -> ErrorClass {
@@ -215,7 +247,8 @@ impl Error {
             | Self::StreamIdle { .. }
             | Self::StreamNotRead { .. }
             | Self::StreamAborted(_)
-            | Self::PermissionDenied { .. } => ErrorClass::Caller,
+            | Self::PermissionDenied { .. }
+            | Self::CallerBindingMismatch { .. } => ErrorClass::Caller,
             Self::DecryptAuthFailed { .. } => ErrorClass::DataCorrupt,
             Self::KmsAccessDenied { .. }
             | Self::KmsKeyDisabled { .. }

@@ -13,7 +13,9 @@
 //! - [`streaming`]: WrapStream / UnwrapStream: frame-at-a-time, backpressure, stream limits.
 //! - [`status`]: the one mapping from [`error::Error`] to gRPC status codes and reasons.
 //! - [`preflight`]: `kms-sidecar check`: which KMS permissions are needed, and granted.
-//! - [`access`]: caller identities (Unix socket peer credentials) and the authorization policy.
+//! - [`access`]: caller identities (Unix socket peer credentials, mTLS certificates), the
+//!   authorization policy and caller binding.
+//! - [`tls`]: TLS and mutual TLS on TCP listeners, reloaded when the files change.
 //! - [`audit`]: the JSON-lines audit trail, one event per key use.
 //! - [`cache`]: the data-key cache (ESDK caching materials manager semantics), single-flight.
 //! - [`telemetry`]: logs, and OTLP export of traces and metrics (`--otel`).

@@ -142,6 +142,14 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
                 err.to_string(),
             )
         }
+        Error::CallerBindingMismatch { caller, .. } => {
+            meta.insert("caller".into(), caller.clone());
+            (
+                Code::PermissionDenied,
+                "CALLER_BINDING_MISMATCH",
+                err.to_string(),
+            )
+        }
         Error::Internal(_) => (Code::Internal, "INTERNAL", err.to_string()),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);

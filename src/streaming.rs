@@ -311,6 +311,7 @@ impl Streams {
                         },
                     );
                 }
+                crate::api::record_result(&tracing::Span::current(), result.as_ref().copied());
                 let failed = result.is_err();
                 let metrics = crate::metrics::global();
                 if !failed {
@@ -327,6 +328,7 @@ impl Streams {
                 let code = outcome
                     .as_ref()
                     .map_or_else(Status::code, |()| tonic::Code::Ok);
+                tracing::Span::current().record("code", crate::metrics::code_name(code));
                 metrics.request(operation, code, started.elapsed());
                 metrics.streams(-1);
                 let _ = done_tx.send(outcome);
@@ -408,7 +410,7 @@ impl Streams {
         let declared = first.plaintext_length;
         let (key_id, mut sealer, header) = crate::api::start_envelope(
             &self.materials,
-            (&self.access.policy, &record.caller),
+            (&self.access, &record.caller),
             &self.config,
             &first.key_id,
             first.encryption_context,
@@ -510,9 +512,9 @@ impl Streams {
         };
         let (mut opener, key_id) = crate::api::open_header(
             &self.materials,
-            (&self.access.policy, &record.caller),
+            (&self.access, &record.caller),
             &parsed,
-            &supplied,
+            supplied,
         )
         .await?;
         record.key_id = Some(key_id.clone());

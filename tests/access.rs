@@ -43,6 +43,10 @@ struct Rig {
 }
 
 async fn rig(policy: Option<&str>) -> Rig {
+    rig_with(policy, false).await
+}
+
+async fn rig_with(policy: Option<&str>, bind_caller: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("kms.sock");
     let keyring_for_policy = local_keyring(3);
@@ -53,6 +57,7 @@ async fn rig(policy: Option<&str>) -> Rig {
     let access = Access {
         policy,
         audit: None,
+        bind_caller,
     };
     let sidecar = Sidecar::start_with_access(
         local_keyring(3),
@@ -243,6 +248,139 @@ async fn without_a_policy_every_caller_is_allowed() {
     unwrap(&r.unix, &envelope).await.unwrap();
     generate(&r.tcp, false).await.unwrap();
     flush(&r.tcp).await.unwrap();
+    r.sidecar.stop().await;
+}
+
+/// The envelope's context as the official format stores it (the header
+/// is public), read through the sidecar's own parser.
+fn header_context(envelope: &[u8]) -> Vec<(String, String)> {
+    let parsed = kms_sidecar::envelope::parse_header(envelope, &Default::default())
+        .unwrap()
+        .unwrap();
+    let mut pairs: Vec<_> = parsed.header.context.to_hash_map().into_iter().collect();
+    pairs.sort();
+    pairs
+}
+
+/// Caller binding (`--bind-caller`): Wrap records the caller's identity in
+/// the envelope; only that identity unwraps it, on both paths; the
+/// reserved key cannot be forged; an unbound envelope does not open.
+#[tokio::test]
+async fn bound_envelopes_open_only_for_their_caller() {
+    let (uid, _) = my_ids();
+    let me = format!("uid:{uid}");
+    // Made without binding, by the same key.
+    let plain = rig(None).await;
+    let unbound = wrap(&plain.unix).await.unwrap();
+    plain.sidecar.stop().await;
+
+    let r = rig_with(None, true).await;
+    let envelope = wrap(&r.unix).await.unwrap();
+    assert_eq!(
+        header_context(&envelope),
+        [
+            ("app".to_owned(), "a".to_owned()),
+            ("kms-sidecar:caller".to_owned(), me.clone())
+        ]
+    );
+    // The caller supplies only its own pairs.
+    let reply = KeyServiceClient::new(r.unix.clone())
+        .unwrap(UnwrapRequest {
+            envelope: envelope.clone(),
+            encryption_context: ctx(&[("app", "a")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.plaintext, b"data");
+    assert_eq!(
+        reply.encryption_context.get("kms-sidecar:caller"),
+        Some(&me)
+    );
+    let streamed = wrap_stream(&r.unix).await.unwrap();
+    assert_eq!(
+        unwrap_stream(&r.unix, &streamed).await.unwrap(),
+        b"streamed"
+    );
+
+    // Another identity (the anonymous TCP caller): refused, both paths,
+    // with a message that names the caller and not the owner.
+    for result in [
+        unwrap(&r.tcp, &envelope).await,
+        unwrap_stream(&r.tcp, &streamed).await,
+    ] {
+        let status = result.expect_err("another identity");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(reason(&status), "CALLER_BINDING_MISMATCH");
+        assert!(
+            status.message().contains("anonymous may not unwrap")
+                && status.message().contains("bound to another caller")
+                && !status.message().contains(&me),
+            "{}",
+            status.message()
+        );
+    }
+    // Supplying the owner's pair does not help.
+    let forged = KeyServiceClient::new(r.tcp.clone())
+        .unwrap(UnwrapRequest {
+            envelope: envelope.clone(),
+            encryption_context: ctx(&[("app", "a"), ("kms-sidecar:caller", &me)]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&forged), "CALLER_BINDING_MISMATCH");
+    // The owner may not supply it either (the sidecar does).
+    let owner = KeyServiceClient::new(r.unix.clone())
+        .unwrap(UnwrapRequest {
+            envelope: envelope.clone(),
+            encryption_context: ctx(&[("app", "a"), ("kms-sidecar:caller", &me)]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(owner.code(), Code::InvalidArgument);
+    assert!(owner.message().contains("reserved"), "{}", owner.message());
+    // An envelope made without binding does not open.
+    let status = unwrap(&r.unix, &unbound).await.unwrap_err();
+    assert_eq!(reason(&status), "CALLER_BINDING_MISMATCH");
+    assert!(
+        status.message().contains("not bound"),
+        "{}",
+        status.message()
+    );
+    // Nobody may claim an identity on Wrap.
+    let claim = KeyServiceClient::new(r.tcp.clone())
+        .wrap(WrapRequest {
+            plaintext: b"x".to_vec(),
+            encryption_context: ctx(&[("kms-sidecar:caller", &me)]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(claim.code(), Code::InvalidArgument);
+    assert_eq!(reason(&claim), "INVALID_REQUEST");
+    r.sidecar.stop().await;
+
+    // Without binding, a bound envelope opens like any other: with its full
+    // context supplied; and the key stays reserved on Wrap.
+    let r = rig(None).await;
+    let reply = KeyServiceClient::new(r.tcp.clone())
+        .unwrap(UnwrapRequest {
+            envelope: envelope.clone(),
+            encryption_context: ctx(&[("app", "a"), ("kms-sidecar:caller", &me)]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.plaintext, b"data");
+    let claim = KeyServiceClient::new(r.tcp.clone())
+        .wrap(WrapRequest {
+            plaintext: b"x".to_vec(),
+            encryption_context: ctx(&[("kms-sidecar:caller", &me)]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(claim.code(), Code::InvalidArgument);
     r.sidecar.stop().await;
 }
 

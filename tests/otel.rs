@@ -90,6 +90,13 @@ fn int(attrs: &[KeyValue], key: &str) -> i64 {
     }
 }
 
+fn boolean(attrs: &[KeyValue], key: &str) -> bool {
+    match attr(attrs, key) {
+        Some(any_value::Value::BoolValue(b)) => *b,
+        other => panic!("attribute {key}: {other:?}"),
+    }
+}
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -147,23 +154,36 @@ async fn otlp_export_of_spans_and_metrics_flushed_at_shutdown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut client = KeyServiceClient::new(kms_sidecar::client::connect(&target).await.unwrap());
-    let envelope = client
-        .wrap(WrapRequest {
-            plaintext: MARKER.to_vec(),
-            encryption_context: ctx(&[("tenant", CONTEXT_VALUE)]),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .envelope;
+    // Two Wraps of one context (a cache miss, then a hit), an Unwrap, and
+    // an Unwrap with the wrong context.
+    let mut envelope = Vec::new();
+    for _ in 0..2 {
+        envelope = client
+            .wrap(WrapRequest {
+                plaintext: MARKER.to_vec(),
+                encryption_context: ctx(&[("tenant", CONTEXT_VALUE)]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .envelope;
+    }
     client
         .unwrap(UnwrapRequest {
-            envelope,
+            envelope: envelope.clone(),
             encryption_context: ctx(&[("tenant", CONTEXT_VALUE)]),
         })
         .await
         .unwrap();
+    let wrong = client
+        .unwrap(UnwrapRequest {
+            envelope,
+            encryption_context: ctx(&[("tenant", "another")]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument);
     drop(client);
 
     // Export intervals are a minute: what arrives was flushed at shutdown.
@@ -195,23 +215,45 @@ async fn otlp_export_of_spans_and_metrics_flushed_at_shutdown() {
         .flat_map(|r| &r.scope_spans)
         .flat_map(|s| s.spans.clone())
         .collect();
-    let find = |name: &str| {
-        spans.iter().find(|s| s.name == name).unwrap_or_else(|| {
-            panic!(
-                "no {name} span in {:?}",
-                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
-            )
-        })
-    };
-    let wrap = find("Wrap");
-    assert_eq!(text(&wrap.attributes, "key_id"), arn);
-    assert_eq!(
-        int(&wrap.attributes, "plaintext_bytes"),
-        MARKER.len() as i64
-    );
-    assert!(text(&wrap.attributes, "caller").starts_with("uid:"));
-    let unwrap = find("Unwrap");
-    assert_eq!(text(&unwrap.attributes, "key_id"), arn);
+    let named = |name: &str| -> Vec<&Span> { spans.iter().filter(|s| s.name == name).collect() };
+    let wraps = named("Wrap");
+    assert_eq!(wraps.len(), 2, "two Wrap spans");
+    for wrap in &wraps {
+        assert_eq!(text(&wrap.attributes, "key_id"), arn);
+        assert_eq!(
+            int(&wrap.attributes, "plaintext_bytes"),
+            MARKER.len() as i64
+        );
+        assert!(text(&wrap.attributes, "caller").starts_with("uid:"));
+        assert_eq!(text(&wrap.attributes, "result"), "ok");
+        assert_eq!(text(&wrap.attributes, "code"), "OK");
+    }
+    // The first Wrap asked KMS; the second was served by the cache.
+    let mut hits: Vec<bool> = wraps
+        .iter()
+        .map(|w| boolean(&w.attributes, "cache_hit"))
+        .collect();
+    hits.sort_unstable();
+    assert_eq!(hits, [false, true]);
+    let wrap = wraps
+        .iter()
+        .find(|w| !boolean(&w.attributes, "cache_hit"))
+        .unwrap();
+    let unwraps = named("Unwrap");
+    assert_eq!(unwraps.len(), 2, "two Unwrap spans");
+    let ok = unwraps
+        .iter()
+        .find(|u| text(&u.attributes, "result") == "ok")
+        .expect("the good Unwrap");
+    assert_eq!(text(&ok.attributes, "key_id"), arn);
+    assert_eq!(text(&ok.attributes, "code"), "OK");
+    assert!(!boolean(&ok.attributes, "cache_hit"), "decrypt side cold");
+    let failed = unwraps
+        .iter()
+        .find(|u| text(&u.attributes, "result") != "ok")
+        .unwrap();
+    assert_eq!(text(&failed.attributes, "result"), "data_corrupt");
+    assert_eq!(text(&failed.attributes, "code"), "INVALID_ARGUMENT");
     // The KMS call is a child span of the Wrap that made it.
     let kms = spans
         .iter()
@@ -244,12 +286,12 @@ async fn otlp_export_of_spans_and_metrics_flushed_at_shutdown() {
     let Some(metric::Data::Sum(sum)) = &requests.data else {
         panic!("requests is a sum: {requests:?}")
     };
-    let wraps = sum
+    let wrap_points = sum
         .data_points
         .iter()
         .find(|p| text(&p.attributes, "method") == "Wrap" && text(&p.attributes, "code") == "OK")
         .expect("Wrap OK data point");
-    assert_eq!(wraps.value, Some(number_data_point::Value::AsInt(1)));
+    assert_eq!(wrap_points.value, Some(number_data_point::Value::AsInt(2)));
     let duration = all
         .iter()
         .find(|m| m.name == "kms_sidecar.request.duration")
@@ -257,7 +299,7 @@ async fn otlp_export_of_spans_and_metrics_flushed_at_shutdown() {
     let Some(metric::Data::Histogram(h)) = &duration.data else {
         panic!("a histogram: {duration:?}")
     };
-    assert_eq!(h.data_points.iter().map(|p| p.count).sum::<u64>(), 2);
+    assert_eq!(h.data_points.iter().map(|p| p.count).sum::<u64>(), 4);
     assert!(all.iter().any(|m| m.name == "kms_sidecar.kms.calls"));
 
     // No plaintext or context value in anything exported.

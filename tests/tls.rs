@@ -213,6 +213,10 @@ struct Sidecar {
 }
 
 async fn start(pki: &Pki, policy: &str) -> Sidecar {
+    start_with(pki, policy, &[]).await
+}
+
+async fn start_with(pki: &Pki, policy: &str, extra: &[&str]) -> Sidecar {
     let port = free_port();
     let policy_file = pki.path("policy.toml");
     std::fs::write(&policy_file, policy).unwrap();
@@ -234,6 +238,7 @@ async fn start(pki: &Pki, policy: &str) -> Sidecar {
         .arg(&policy_file)
         .arg("--audit-log")
         .arg(&audit)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(pki.path("sidecar.log")).unwrap())
@@ -488,6 +493,52 @@ keys = ["local-key"]
     assert!(
         log.contains("TLS files changed but do not load"),
         "the broken file is reported: {log}"
+    );
+}
+
+/// `--bind-caller` with certificate identities: an envelope wrapped by the
+/// SPIFFE identity opens for it and not for the DNS identity, although the
+/// policy lets both unwrap with the key.
+#[tokio::test]
+async fn bind_caller_separates_certificate_identities() {
+    let pki = Pki::new();
+    let policy = r#"
+[[allow]]
+caller = "*"
+operations = "*"
+keys = "*"
+"#;
+    let sidecar = start_with(&pki, policy, &["--bind-caller"]).await;
+    let billing = pki.channel(sidecar.port, Some("billing")).await.unwrap();
+    let reports = pki.channel(sidecar.port, Some("reports")).await.unwrap();
+    let envelope = wrap(&billing).await.unwrap();
+    let streamed = wrap_stream(&billing).await.unwrap();
+    assert_eq!(unwrap(&billing, &envelope).await.unwrap(), b"data");
+    assert_eq!(
+        unwrap_stream(&billing, &streamed).await.unwrap(),
+        b"streamed"
+    );
+    for result in [
+        unwrap(&reports, &envelope).await,
+        unwrap_stream(&reports, &streamed).await,
+    ] {
+        let status = result.expect_err("another tenant");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(reason(&status), "CALLER_BINDING_MISMATCH");
+        assert!(
+            status
+                .message()
+                .contains("dns:reports.internal may not unwrap"),
+            "{}",
+            status.message()
+        );
+    }
+    // The reports identity's own envelopes are its own.
+    let theirs = wrap(&reports).await.unwrap();
+    assert_eq!(unwrap(&reports, &theirs).await.unwrap(), b"data");
+    assert_eq!(
+        unwrap(&billing, &theirs).await.map_err(|s| reason(&s)),
+        Err("CALLER_BINDING_MISMATCH".to_owned())
     );
 }
 

@@ -72,6 +72,11 @@ impl EncryptionContext {
         public(self).eq(public(other))
     }
 
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
     /// The keys, in order. Key names are not secret; values may be.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
