@@ -2,6 +2,7 @@
 # Installs everything the tests need and runs every test:
 #   - a Python venv in .venv/ with the pinned packages of tests/requirements.txt
 #     (moto's KMS server, the official AWS Encryption SDK, grpcio, grpcurl);
+#   - the Node.js client in tests/node/ (npm ci from its package-lock.json);
 #   - cargo fmt, clippy, doc; the Rust unit, property and integration tests;
 #   - the cross-language tests in tests/python/ against the built binary;
 #   - deploy/ checks: kustomize render, strict schema validation for the
@@ -23,6 +24,15 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 export KMS_SIDECAR_TEST_PYTHON=$venv/bin/python
+
+step "Node test client (tests/node: @grpc/grpc-js, official ESDK for JavaScript; npm ci, pinned)"
+command -v node >/dev/null || { echo "node (>= 18) and npm are required for tests/node"; exit 1; }
+node_stamp=tests/node/node_modules/.package-lock.sha256
+node_want=$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$node_stamp" 2>/dev/null)" != "$node_want" ]; then
+    (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$node_want" > "$node_stamp"
+fi
 
 step "Lint tools for deploy/ (.venv-lint, pinned: checkov needs its own packaging)"
 lint=$root/.venv-lint
@@ -62,7 +72,7 @@ rust_passed=$(grep -E '^test result:' "$rust_log" | awk '{s+=$4} END {print s+0}
 rust_failed=$(grep -E '^test result:' "$rust_log" | awk '{s+=$6} END {print s+0}' || true)
 rm -f "$rust_log"
 
-step "Cross-language tests (Python grpcio, official AWS Encryption SDK, grpcurl)"
+step "Cross-language tests (Python grpcio, Node grpc-js, official AWS Encryption SDKs, grpcurl)"
 export KMS_SIDECAR_BIN=$root/target/debug/kms-sidecar
 py_log=$(mktemp)
 set +e
