@@ -4,9 +4,13 @@
 //! - On a Unix socket the caller is the peer process's uid and gid, from
 //!   the kernel (`SO_PEERCRED`), which the caller cannot forge.
 //! - On TCP with mutual TLS (`--tls-client-ca`) the caller is named by its
-//!   verified client certificate: its SAN URIs (SPIFFE IDs) and DNS names.
+//!   verified client certificate, by one name ([`CertName`]): its SAN URI
+//!   (exactly one `scheme://…` URI, as in a SPIFFE X.509-SVID), else its
+//!   first SAN DNS name. The policy, caller binding and the audit trail all
+//!   use that one name, and the three namespaces (`uid:`/`gid:`, URIs with
+//!   `://`, `dns:`) cannot collide.
 //! - Otherwise (plain TCP, TLS without client certificates, or a client
-//!   certificate without SAN URI or DNS name) the caller is anonymous (the
+//!   certificate without such a name) the caller is anonymous (the
 //!   remote address is kept for the audit trail only; addresses are not
 //!   identities).
 //!
@@ -44,10 +48,8 @@ pub enum Caller {
     },
     /// A TCP client with a verified certificate (mutual TLS).
     Certificate {
-        /// Its SAN URIs (SPIFFE IDs).
-        uris: Vec<String>,
-        /// Its SAN DNS names.
-        dns: Vec<String>,
+        /// The certificate's identity.
+        name: CertName,
         /// The remote address (for the audit trail).
         peer: Option<String>,
     },
@@ -58,12 +60,72 @@ pub enum Caller {
     },
 }
 
+/// The one name a client certificate is known by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertName {
+    /// Its SAN URI (a SPIFFE ID such as `spiffe://example.org/ns/app/sa/web`).
+    Uri(String),
+    /// Its first SAN DNS name, lower-cased, without a trailing dot.
+    Dns(String),
+}
+
+impl CertName {
+    /// The identity of a certificate with these SAN names, if it has one:
+    /// - its URI, when exactly one SAN URI is an identity URI (`scheme://`
+    ///   then a path without `.`/`..` segments, `*`, `%2e` or spaces).
+    ///   Other URIs (`uid:1000`, `anonymous`, …) are ignored, so they can
+    ///   never pose as Unix or anonymous callers; two identity URIs make
+    ///   the certificate ambiguous, hence anonymous (a SPIFFE X.509-SVID
+    ///   holds exactly one);
+    /// - else its first DNS name, if any.
+    pub fn from_names(names: &crate::tls::PeerNames) -> Option<Self> {
+        let mut uris = names.uris.iter().filter(|u| is_identity_uri(u));
+        match (uris.next(), uris.next()) {
+            (Some(uri), None) => return Some(Self::Uri(uri.clone())),
+            (Some(_), Some(_)) => return None,
+            (None, _) => {}
+        }
+        names
+            .dns
+            .iter()
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+            .find(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_graphic() && b != b'*'))
+            .map(Self::Dns)
+    }
+}
+
+/// Whether `uri` can name a caller: `scheme://rest`, with an ASCII scheme,
+/// a non-empty rest of printable ASCII without `*`, percent-encoded dots,
+/// or `.`/`..` path segments (so a `…/billing/*` rule cannot be escaped
+/// with `…/billing/../admin`).
+fn is_identity_uri(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return false;
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    scheme_ok
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
+        && !rest.to_ascii_lowercase().contains("%2e")
+        && rest
+            .split('/')
+            .all(|segment| segment != "." && segment != "..")
+}
+
 impl Caller {
     /// The caller of `request`, from its connection.
     pub fn of<T>(request: &tonic::Request<T>) -> Self {
-        if let Some(info) = request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
+        Self::from_extensions(request.extensions())
+    }
+
+    /// The caller of a request with these (HTTP) extensions, where the
+    /// server put its connection's details.
+    pub fn from_extensions(extensions: &http::Extensions) -> Self {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+        if let Some(info) = extensions.get::<UdsConnectInfo>()
             && let Some(cred) = info.peer_cred
         {
             return Self::Unix {
@@ -71,35 +133,35 @@ impl Caller {
                 gid: cred.gid(),
             };
         }
-        let peer = request.remote_addr().map(|a| a.to_string());
-        let leaf = request
-            .extensions()
-            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
-            .and_then(tonic::transport::server::TlsConnectInfo::peer_certs);
-        if let Some(certs) = leaf
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = extensions
+            .get::<TcpConnectInfo>()
+            .or_else(|| tls.map(TlsConnectInfo::get_ref))
+            .and_then(TcpConnectInfo::remote_addr)
+            .map(|a| a.to_string());
+        if let Some(certs) = tls.and_then(TlsConnectInfo::peer_certs)
             && let Some(leaf) = certs.first()
+            && let Some(name) = CertName::from_names(&crate::tls::peer_names(leaf))
         {
-            let names = crate::tls::peer_names(leaf);
-            if !names.uris.is_empty() || !names.dns.is_empty() {
-                return Self::Certificate {
-                    uris: names.uris,
-                    dns: names.dns,
-                    peer,
-                };
-            }
+            return Self::Certificate { name, peer };
         }
         Self::Anonymous { peer }
     }
 
-    /// The identity as policies and messages name it: `uid:1000`,
-    /// the certificate's first SAN URI, `dns:NAME`, or `anonymous`.
+    /// The identity as policies, caller binding, the audit trail and
+    /// messages name it: `uid:1000`, the certificate's SAN URI,
+    /// `dns:NAME`, or `anonymous`.
     pub fn label(&self) -> String {
         match self {
             Self::Unix { uid, .. } => format!("uid:{uid}"),
-            Self::Certificate { uris, dns, .. } => uris
-                .first()
-                .cloned()
-                .unwrap_or_else(|| format!("dns:{}", dns.first().map_or("", String::as_str))),
+            Self::Certificate {
+                name: CertName::Uri(uri),
+                ..
+            } => uri.clone(),
+            Self::Certificate {
+                name: CertName::Dns(dns),
+                ..
+            } => format!("dns:{dns}"),
             Self::Anonymous { .. } => "anonymous".to_owned(),
         }
     }
@@ -157,7 +219,7 @@ enum Who {
     Uri(String),
     /// SAN URIs under a path prefix (the rule's `…/*` without the `*`).
     UriPrefix(String),
-    /// A SAN DNS name, exactly (ASCII case-insensitive).
+    /// A SAN DNS name, exactly (stored lower-case; identities are too).
     Dns(String),
     Anonymous,
     Anyone,
@@ -169,6 +231,39 @@ struct Rule {
     operations: HashSet<Operation>,
     /// Canonical key IDs; `None` = every configured key.
     keys: Option<HashSet<String>>,
+}
+
+impl Rule {
+    /// Whether the rule's `caller` names this caller.
+    fn names(&self, caller: &Caller) -> bool {
+        match (&self.who, caller) {
+            (Who::Anyone, _) | (Who::Anonymous, Caller::Anonymous { .. }) => true,
+            (Who::Uid(u), Caller::Unix { uid, .. }) => u == uid,
+            (Who::Gid(g), Caller::Unix { gid, .. }) => g == gid,
+            (
+                Who::Uri(want),
+                Caller::Certificate {
+                    name: CertName::Uri(uri),
+                    ..
+                },
+            ) => uri == want,
+            (
+                Who::UriPrefix(prefix),
+                Caller::Certificate {
+                    name: CertName::Uri(uri),
+                    ..
+                },
+            ) => uri.starts_with(prefix.as_str()),
+            (
+                Who::Dns(want),
+                Caller::Certificate {
+                    name: CertName::Dns(dns),
+                    ..
+                },
+            ) => dns == want,
+            _ => false,
+        }
+    }
 }
 
 /// The authorization policy; `None` inside means no policy (allow all).
@@ -230,25 +325,42 @@ impl Policy {
             return true;
         };
         rules.iter().any(|rule| {
-            let who = match (&rule.who, caller) {
-                (Who::Anyone, _) => true,
-                (Who::Uid(u), Caller::Unix { uid, .. }) => u == uid,
-                (Who::Gid(g), Caller::Unix { gid, .. }) => g == gid,
-                (Who::Uri(want), Caller::Certificate { uris, .. }) => uris.contains(want),
-                (Who::UriPrefix(prefix), Caller::Certificate { uris, .. }) => {
-                    uris.iter().any(|u| u.starts_with(prefix.as_str()))
-                }
-                (Who::Dns(want), Caller::Certificate { dns, .. }) => {
-                    dns.iter().any(|d| d.eq_ignore_ascii_case(want))
-                }
-                (Who::Anonymous, Caller::Anonymous { .. }) => true,
-                _ => false,
-            };
             let key_ok = match (&rule.keys, key) {
                 (None, _) | (Some(_), None) => true,
                 (Some(keys), Some(k)) => keys.contains(k),
             };
-            who && rule.operations.contains(&operation) && key_ok
+            rule.names(caller) && rule.operations.contains(&operation) && key_ok
+        })
+    }
+
+    /// May `caller` do any of `operations` with at least one key? Checked
+    /// before a call is read, a stream slot is taken or a key is looked
+    /// up, so callers without any right hold no resources and learn
+    /// nothing about the configured keys.
+    pub fn allows_any(&self, caller: &Caller, operations: &[Operation]) -> bool {
+        let Some(rules) = &self.rules else {
+            return true;
+        };
+        rules.iter().any(|rule| {
+            rule.names(caller)
+                && operations.iter().any(|op| rule.operations.contains(op))
+                && rule.keys.as_ref().is_none_or(|keys| !keys.is_empty())
+        })
+    }
+
+    /// [`Self::allows_any`], as a result.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] naming the caller and the (first)
+    /// operation.
+    pub fn check_any(&self, caller: &Caller, operations: &[Operation]) -> Result<(), Error> {
+        if self.allows_any(caller, operations) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            caller: caller.label(),
+            operation: operations.first().map_or("call", |op| op.name()),
+            key_id: None,
         })
     }
 
@@ -322,7 +434,7 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
                         "invalid caller {other:?}: dns: needs one exact DNS name"
                     ));
                 }
-                Who::Dns(name.to_owned())
+                Who::Dns(name.trim_end_matches('.').to_ascii_lowercase())
             } else if let Some((scheme, rest)) = other.split_once("://") {
                 if scheme.is_empty() || rest.is_empty() {
                     return Err(format!(
@@ -330,13 +442,18 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
                     ));
                 }
                 match other.strip_suffix('*') {
-                    Some(prefix) if prefix.ends_with('/') && !prefix.contains('*') => {
+                    Some(prefix)
+                        if prefix.ends_with('/')
+                            && !prefix.contains('*')
+                            && is_identity_uri(prefix) =>
+                    {
                         Who::UriPrefix(prefix.to_owned())
                     }
-                    None if !other.contains('*') => Who::Uri(other.to_owned()),
+                    None if is_identity_uri(other) => Who::Uri(other.to_owned()),
                     _ => {
                         return Err(format!(
-                            "invalid caller {other:?}: a URI may end in /* (path prefix) but hold no other *"
+                            "invalid caller {other:?}: a URI may end in /* (path prefix) but hold no \
+                             other *, no spaces and no . or .. path segments"
                         ));
                     }
                 }
@@ -365,20 +482,25 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
         operations.insert(op);
     }
     let keys = strings(rule, "keys")?;
-    let keys = if keys.contains(&"*") {
-        None
-    } else {
-        Some(
-            keys.into_iter()
-                .map(|k| {
-                    keyring
-                        .resolve(k)
-                        .map(str::to_owned)
-                        .map_err(|_| format!("key {k:?} is not one of the configured keys"))
-                })
-                .collect::<Result<HashSet<_>, _>>()?,
-        )
-    };
+    // Every entry is checked, also next to "*", so a typo never hides.
+    let resolved = keys
+        .iter()
+        .filter(|k| **k != "*")
+        .map(|k| {
+            if k.is_empty() {
+                // Requests use "" for the default key; a policy names keys.
+                return Err("an empty key name: name the key (or \"*\")".to_owned());
+            }
+            keyring
+                .resolve(k)
+                .map(str::to_owned)
+                .map_err(|_| format!("key {k:?} is not one of the configured keys"))
+        })
+        .collect::<Result<HashSet<_>, _>>()?;
+    if keys.is_empty() {
+        return Err("\"keys\" is empty: name the keys (or \"*\")".into());
+    }
+    let keys = (!keys.contains(&"*")).then_some(resolved);
     Ok(Rule {
         who,
         operations,
@@ -388,8 +510,25 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
 
 /// The encryption-context key that carries the caller's identity in
 /// envelopes wrapped with caller binding (`--bind-caller`). Reserved:
-/// callers may never set it on Wrap.
+/// callers may never set it on Wrap or GenerateDataKey.
 pub const CALLER_CONTEXT_KEY: &str = "kms-sidecar:caller";
+
+/// Refuses a context that sets [`CALLER_CONTEXT_KEY`], with or without
+/// binding: a data key or envelope made with it could claim another
+/// caller's identity (a data key from GenerateDataKey is enough to build an
+/// envelope offline).
+///
+/// # Errors
+/// [`Error::InvalidRequest`] naming the key.
+pub fn refuse_reserved(context: &std::collections::HashMap<String, String>) -> Result<(), Error> {
+    if context.contains_key(CALLER_CONTEXT_KEY) {
+        return Err(Error::InvalidRequest(format!(
+            "encryption context key {CALLER_CONTEXT_KEY:?} is reserved: the sidecar sets it \
+             to the caller's identity when caller binding (--bind-caller) is on"
+        )));
+    }
+    Ok(())
+}
 
 /// What the service checks and records for each call: the policy, the
 /// audit trail, and whether envelopes are bound to their caller.
@@ -440,6 +579,21 @@ impl Access {
         })
     }
 
+    /// Records a call refused before it started (policy, stream slots, the
+    /// in-flight budget) in the audit trail, if on.
+    pub fn audit_refusal(&self, caller: &Caller, operation: &'static str, err: &Error) {
+        if let Some(audit) = &self.audit {
+            let pending = audit.begin(caller, operation, None);
+            audit.finish(
+                pending,
+                crate::audit::Outcome {
+                    error: Some(err),
+                    ..crate::audit::Outcome::default()
+                },
+            );
+        }
+    }
+
     /// The context of a new envelope: the caller's pairs, plus its identity
     /// when caller binding is on.
     ///
@@ -452,12 +606,7 @@ impl Access {
         caller: &Caller,
         mut context: std::collections::HashMap<String, String>,
     ) -> Result<std::collections::HashMap<String, String>, Error> {
-        if context.contains_key(CALLER_CONTEXT_KEY) {
-            return Err(Error::InvalidRequest(format!(
-                "encryption context key {CALLER_CONTEXT_KEY:?} is reserved: the sidecar sets it \
-                 to the caller's identity when caller binding (--bind-caller) is on"
-            )));
-        }
+        refuse_reserved(&context)?;
         if self.bind_caller {
             context.insert(CALLER_CONTEXT_KEY.to_owned(), caller.label());
         }

@@ -25,7 +25,7 @@ use crate::proto::{
     WrapStreamResponse,
 };
 use crate::status::to_status;
-use crate::streaming::{ResponseStream, Streams};
+use crate::streaming::{Input, RequestReset, ResponseStream, Streams};
 
 /// Most bytes GenerateDataKey returns (the KMS limit).
 pub const MAX_DATA_KEY_BYTES: u32 = 1024;
@@ -53,26 +53,36 @@ impl KeyServiceImpl {
         }
     }
 
+    /// Starts the audit event of a unary call; if the call is dropped
+    /// before [`Self::finish_audit`] (the client cancelled, a deadline or
+    /// `--request-timeout` passed), the event is still written, as
+    /// abandoned.
     fn begin_audit(
         &self,
         caller: &Caller,
         operation: &'static str,
         context: Option<&std::collections::HashMap<String, String>>,
-    ) -> Option<Pending> {
-        self.access
-            .audit
-            .as_ref()
-            .map(|a| a.begin(caller, operation, context))
+        bytes_in: usize,
+    ) -> AuditCall<'_> {
+        AuditCall {
+            audit: self.access.audit.as_ref(),
+            pending: self
+                .access
+                .audit
+                .as_ref()
+                .map(|a| a.begin(caller, operation, context)),
+            bytes_in,
+        }
     }
 
     fn finish_audit<R>(
         &self,
-        pending: Option<Pending>,
-        bytes_in: usize,
+        mut call: AuditCall<'_>,
         result: &Result<R, Error>,
         summary: impl FnOnce(&R) -> (Option<&str>, usize),
     ) {
-        let (Some(audit), Some(pending)) = (&self.access.audit, pending) else {
+        let bytes_in = call.bytes_in;
+        let (Some(audit), Some(pending)) = (call.audit, call.pending.take()) else {
             return;
         };
         let outcome = match result {
@@ -108,6 +118,15 @@ impl KeyServiceImpl {
                 )));
             }
         };
+        let operation = if req.without_plaintext {
+            Operation::GenerateDataKeyWithoutPlaintext
+        } else {
+            Operation::GenerateDataKey
+        };
+        // Before the key is looked up: a caller without the right learns
+        // nothing about the configured keys.
+        self.access.policy.check_any(caller, &[operation])?;
+        crate::access::refuse_reserved(&req.encryption_context)?;
         let context = EncryptionContext::from_request(
             req.encryption_context,
             self.config.limits.max_context_bytes,
@@ -115,11 +134,6 @@ impl KeyServiceImpl {
         let keyring = self.materials.keyring();
         let key_id = keyring.resolve(&req.key_id)?;
         tracing::Span::current().record("key_id", key_id);
-        let operation = if req.without_plaintext {
-            Operation::GenerateDataKeyWithoutPlaintext
-        } else {
-            Operation::GenerateDataKey
-        };
         self.access.policy.check(caller, operation, Some(key_id))?;
         let generated = keyring
             .generate(key_id, &context, n as usize, !req.without_plaintext)
@@ -277,6 +291,30 @@ impl AdminService for AdminServiceImpl {
     }
 }
 
+/// The audit event of a unary call in progress: written by
+/// [`KeyServiceImpl::finish_audit`], or, if the call's future is dropped
+/// first, on drop as abandoned (CANCELLED / CALL_ABANDONED).
+struct AuditCall<'a> {
+    audit: Option<&'a crate::audit::Audit>,
+    pending: Option<Pending>,
+    bytes_in: usize,
+}
+
+impl Drop for AuditCall<'_> {
+    fn drop(&mut self) {
+        if let (Some(audit), Some(pending)) = (self.audit, self.pending.take()) {
+            audit.finish(
+                pending,
+                Outcome {
+                    bytes_in: self.bytes_in,
+                    error: Some(&Error::Abandoned),
+                    ..Outcome::default()
+                },
+            );
+        }
+    }
+}
+
 /// Opens a parsed header for Unwrap or UnwrapStream: with caller binding,
 /// the envelope must be bound to this caller; the supplied context must
 /// equal the envelope's; a configured key recovers the data key; the key
@@ -367,6 +405,7 @@ pub(crate) async fn start_envelope(
     frame_length: u32,
     plaintext_len: Option<u64>,
 ) -> Result<(String, envelope::Sealer, Vec<u8>), Error> {
+    access.policy.check_any(caller, &[Operation::Wrap])?;
     let encryption_context = access.bind_for_wrap(caller, encryption_context)?;
     let context =
         EncryptionContext::from_request(encryption_context, config.limits.max_context_bytes)?;
@@ -452,12 +491,17 @@ impl KeyService for KeyServiceImpl {
             code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
-        let audit = self.begin_audit(&caller, "GenerateDataKey", Some(&req.encryption_context));
+        let operation = if req.without_plaintext {
+            "GenerateDataKeyWithoutPlaintext"
+        } else {
+            "GenerateDataKey"
+        };
+        let audit = self.begin_audit(&caller, operation, Some(&req.encryption_context), 0);
         let result = self
             .generate_data_key(req, &caller)
             .instrument(span.clone())
             .await;
-        self.finish_audit(audit, 0, &result, |r| {
+        self.finish_audit(audit, &result, |r| {
             (
                 Some(r.key_id.as_str()),
                 r.plaintext.len() + r.ciphertext_blob.len(),
@@ -480,10 +524,10 @@ impl KeyService for KeyServiceImpl {
             code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
-        let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context));
         let bytes_in = req.plaintext.len();
+        let audit = self.begin_audit(&caller, "Wrap", Some(&req.encryption_context), bytes_in);
         let result = self.wrap(req, &caller).instrument(span.clone()).await;
-        self.finish_audit(audit, bytes_in, &result, |r| {
+        self.finish_audit(audit, &result, |r| {
             (Some(r.key_id.as_str()), r.envelope.len())
         });
         if result.is_ok() {
@@ -510,10 +554,10 @@ impl KeyService for KeyServiceImpl {
             code = tracing::field::Empty
         );
         let started = std::time::Instant::now();
-        let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context));
         let bytes_in = req.envelope.len();
+        let audit = self.begin_audit(&caller, "Unwrap", Some(&req.encryption_context), bytes_in);
         let result = self.unwrap(req, &caller).instrument(span.clone()).await;
-        self.finish_audit(audit, bytes_in, &result, |r| {
+        self.finish_audit(audit, &result, |r| {
             (Some(r.key_id.as_str()), r.plaintext.len())
         });
         if let Ok(r) = &result {
@@ -539,8 +583,9 @@ impl KeyService for KeyServiceImpl {
             code = tracing::field::Empty
         )
         .entered();
+        let reset = request.extensions().get::<RequestReset>().cloned();
         self.streams
-            .wrap(request.into_inner(), caller)
+            .wrap(Input::new(request.into_inner(), reset), caller)
             .map(Response::new)
     }
 
@@ -560,8 +605,9 @@ impl KeyService for KeyServiceImpl {
             code = tracing::field::Empty
         )
         .entered();
+        let reset = request.extensions().get::<RequestReset>().cloned();
         self.streams
-            .unwrap(request.into_inner(), caller)
+            .unwrap(Input::new(request.into_inner(), reset), caller)
             .map(Response::new)
     }
 }

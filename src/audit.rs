@@ -169,7 +169,7 @@ impl Audit {
                     .get_details_error_info()
                     .map(|i| i.reason)
                     .unwrap_or_default();
-                (format!("{:?}", status.code()), reason)
+                (crate::metrics::code_name(status.code()).to_owned(), reason)
             }
         };
         line.push(',');

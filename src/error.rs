@@ -199,6 +199,14 @@ pub enum Error {
         bound: bool,
     },
 
+    /// The call ended before it finished: the client cancelled it, or its
+    /// deadline (or `--request-timeout`) passed. Only recorded (audit
+    /// trail): nobody is left to receive it.
+    #[error(
+        "the call was abandoned before it finished: the client cancelled it or a deadline passed"
+    )]
+    Abandoned,
+
     /// A bug or an environment failure (random generator, I/O) in the sidecar.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -248,7 +256,8 @@ impl Error {
             | Self::StreamNotRead { .. }
             | Self::StreamAborted(_)
             | Self::PermissionDenied { .. }
-            | Self::CallerBindingMismatch { .. } => ErrorClass::Caller,
+            | Self::CallerBindingMismatch { .. }
+            | Self::Abandoned => ErrorClass::Caller,
             Self::DecryptAuthFailed { .. } => ErrorClass::DataCorrupt,
             Self::KmsAccessDenied { .. }
             | Self::KmsKeyDisabled { .. }

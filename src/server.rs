@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
-use crate::access::Access;
+use crate::access::{Access, Caller, Operation};
 use crate::api::{AdminServiceImpl, KeyServiceImpl};
 use crate::cache::{Clock, Materials};
 use crate::config::{ListenAddr, ServiceConfig, ShutdownConfig};
@@ -23,6 +23,7 @@ use crate::keyring::Keyring;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::status::to_status;
+use crate::streaming::RequestReset;
 
 /// The fully qualified service name, as used by grpc.health.v1.
 pub const SERVICE_NAME: &str = "kms_sidecar.v1.KeyService";
@@ -202,7 +203,7 @@ pub async fn serve_with(
     }
     crate::metrics::global().watch_cache(&materials);
     let admin = AdminServiceImpl::new(Arc::clone(&materials), Arc::clone(&access));
-    let service = KeyServiceImpl::new(materials, access, config);
+    let service = KeyServiceImpl::new(materials, Arc::clone(&access), config);
     let activity = Arc::new(Activity::default());
     let budget = Budget::new(config.max_inflight_bytes);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -211,6 +212,7 @@ pub async fn serve_with(
     for listener in listeners {
         let tracked = Arc::clone(&activity);
         let admission = budget.clone();
+        let admission_access = Arc::clone(&access);
         let peek_timeout = config.request_timeout;
         let router = http2_settings(Server::builder())
             // Unary calls (request received, handled, answered) must finish
@@ -225,6 +227,7 @@ pub async fn serve_with(
             .layer(tower::layer::layer_fn(move |inner| Admission {
                 inner,
                 budget: admission.clone(),
+                access: Arc::clone(&admission_access),
                 peek_timeout,
             }))
             .add_service(health_service.clone())
@@ -400,26 +403,79 @@ impl Budget {
     }
 }
 
-/// Admits unary KeyService calls against the in-flight byte budget
-/// *before* their message is received: the size comes from the 5-byte gRPC
-/// message prefix, and a call that does not fit is refused at once with
-/// RESOURCE_EXHAUSTED / SIDECAR_BUSY, its body never read. The reservation
-/// lasts until the reply has been sent, so the budget bounds the memory of
-/// requests being received, handled and answered.
+/// Admits unary KeyService calls *before* their message is received:
+/// - with a policy, a caller that may not use the method with any key is
+///   refused at once with PERMISSION_DENIED (and audited), so it holds no
+///   budget;
+/// - the in-flight byte budget: the size comes from the 5-byte gRPC message
+///   prefix, and a call that does not fit is refused at once with
+///   RESOURCE_EXHAUSTED / SIDECAR_BUSY, its body never read. The
+///   reservation lasts until the reply has been sent, so the budget bounds
+///   the memory of requests being received, handled and answered.
+///
+/// Streaming calls get a [`RequestReset`] flag that their request body
+/// sets if it fails (the client reset the stream), which tonic would
+/// otherwise report as a normal end.
 #[derive(Debug, Clone)]
 struct Admission<S> {
     inner: S,
     budget: Budget,
+    access: Arc<Access>,
     peek_timeout: Duration,
 }
 
-/// The unary methods the budget applies to, by path; their names.
-fn budgeted_method(path: &str) -> Option<&'static str> {
+/// The unary methods the budget applies to, by path; their names and the
+/// operations a caller needs (any one of them) to be admitted.
+fn budgeted_method(path: &str) -> Option<(&'static str, &'static [Operation])> {
     match path {
-        "/kms_sidecar.v1.KeyService/Wrap" => Some("Wrap"),
-        "/kms_sidecar.v1.KeyService/Unwrap" => Some("Unwrap"),
-        "/kms_sidecar.v1.KeyService/GenerateDataKey" => Some("GenerateDataKey"),
+        "/kms_sidecar.v1.KeyService/Wrap" => Some(("Wrap", &[Operation::Wrap])),
+        "/kms_sidecar.v1.KeyService/Unwrap" => Some(("Unwrap", &[Operation::Unwrap])),
+        "/kms_sidecar.v1.KeyService/GenerateDataKey" => Some((
+            "GenerateDataKey",
+            &[
+                Operation::GenerateDataKey,
+                Operation::GenerateDataKeyWithoutPlaintext,
+            ],
+        )),
         _ => None,
+    }
+}
+
+/// Whether `path` is a streaming KeyService method.
+fn streaming_method(path: &str) -> bool {
+    matches!(
+        path,
+        "/kms_sidecar.v1.KeyService/WrapStream" | "/kms_sidecar.v1.KeyService/UnwrapStream"
+    )
+}
+
+/// A request body that sets its [`RequestReset`] flag when it fails.
+struct Watched {
+    inner: tonic::body::Body,
+    reset: RequestReset,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.reset.set();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -448,16 +504,34 @@ where
                 _guard: permit,
             })
         };
-        let method = budgeted_method(req.uri().path());
-        if method.is_none() {
+        let Some((method, needs)) = budgeted_method(req.uri().path()) else {
+            let req = if streaming_method(req.uri().path()) {
+                let reset = RequestReset::default();
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(reset.clone());
+                let body = tonic::body::Body::new(Watched { inner: body, reset });
+                http::Request::from_parts(parts, body)
+            } else {
+                req
+            };
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(wrap(fut.await?, None)) });
+        };
+        if self.access.policy.is_enforced() {
+            let caller = Caller::from_extensions(req.extensions());
+            if let Err(denied) = self.access.policy.check_any(&caller, needs) {
+                self.access.audit_refusal(&caller, method, &denied);
+                let status = crate::api::log_failure(&denied, &[]);
+                crate::metrics::global().request(method, status.code(), Duration::ZERO);
+                return Box::pin(async move { Ok(wrap(status.into_http(), None)) });
+            }
         }
         // The inner service was made ready for this call; keep it, leave a
         // clone for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let budget = self.budget.clone();
+        let access = Arc::clone(&self.access);
         let peek_timeout = self.peek_timeout;
         Box::pin(async move {
             let (parts, body) = req.into_parts();
@@ -469,13 +543,16 @@ where
             let permit = match len.map(|n| budget.admit(n)) {
                 Some(Err(busy)) => {
                     tracing::info!(error = %busy, "unary call refused before reading it");
-                    if let Some(method) = method {
-                        crate::metrics::global().request(
-                            method,
-                            tonic::Code::ResourceExhausted,
-                            Duration::ZERO,
-                        );
-                    }
+                    crate::metrics::global().request(
+                        method,
+                        tonic::Code::ResourceExhausted,
+                        Duration::ZERO,
+                    );
+                    access.audit_refusal(
+                        &Caller::from_extensions(&parts.extensions),
+                        method,
+                        &busy,
+                    );
                     return Ok(wrap(to_status(&busy, &[]).into_http(), None));
                 }
                 Some(Ok(permit)) => Some(permit),

@@ -150,6 +150,7 @@ pub fn to_status(err: &Error, supplied_context_keys: &[&str]) -> Status {
                 err.to_string(),
             )
         }
+        Error::Abandoned => (Code::Cancelled, "CALL_ABANDONED", err.to_string()),
         Error::Internal(_) => (Code::Internal, "INTERNAL", err.to_string()),
     };
     let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, meta);

@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
-use crate::access::{Access, Caller};
+use crate::access::{Access, Caller, Operation};
 use crate::audit::{Outcome, Pending as AuditPending};
 use crate::cache::Materials;
 use crate::config::ServiceConfig;
@@ -200,7 +200,7 @@ impl<T: Chunk> Sender<T> {
 /// most [`MAX_DRAIN`], each message within `idle`), so that a client that
 /// writes before it reads finishes writing and then sees the error status
 /// instead of waiting on flow control until its deadline.
-async fn drain<M>(input: &mut Streaming<M>, idle: Duration) {
+async fn drain<M>(input: &mut Input<M>, idle: Duration) {
     let _ = tokio::time::timeout(MAX_DRAIN, async {
         while let Ok(Ok(Some(_))) = tokio::time::timeout(idle, input.message()).await {}
     })
@@ -212,11 +212,7 @@ const MAX_DRAIN: Duration = Duration::from_secs(30);
 
 /// Reads the first request message within `wait`; an empty stream is a
 /// caller error naming what the first message must carry.
-async fn first_message<M>(
-    input: &mut Streaming<M>,
-    wait: Duration,
-    carries: &str,
-) -> Result<M, Error> {
+async fn first_message<M>(input: &mut Input<M>, wait: Duration, carries: &str) -> Result<M, Error> {
     next(input, wait).await?.ok_or_else(|| {
         Error::InvalidRequest(format!(
             "empty request stream: the first message must carry the {carries}"
@@ -225,7 +221,7 @@ async fn first_message<M>(
 }
 
 /// Reads the next request message within `wait`.
-async fn next<M>(input: &mut Streaming<M>, wait: Duration) -> Result<Option<M>, Error> {
+async fn next<M>(input: &mut Input<M>, wait: Duration) -> Result<Option<M>, Error> {
     match tokio::time::timeout(wait, input.message()).await {
         Err(_) => Err(Error::StreamIdle { waited: wait }),
         Ok(Ok(msg)) => Ok(msg),
@@ -248,7 +244,7 @@ impl Streams {
     /// Takes a slot, spawns the call's task and returns its response stream.
     fn spawn<Req, Resp, F, Fut>(
         &self,
-        input: Streaming<Req>,
+        input: Input<Req>,
         caller: Caller,
         operation: &'static str,
         run: F,
@@ -256,22 +252,30 @@ impl Streams {
     where
         Req: Send + 'static,
         Resp: Send + 'static,
-        F: FnOnce(Self, Streaming<Req>, Sender<Resp>, Record) -> Fut + Send + 'static,
-        Fut: Future<Output = (Result<(), Error>, Vec<String>, Streaming<Req>, Record)>
-            + Send
-            + 'static,
+        F: FnOnce(Self, Input<Req>, Sender<Resp>, Record) -> Fut + Send + 'static,
+        Fut: Future<Output = (Result<(), Error>, Vec<String>, Input<Req>, Record)> + Send + 'static,
     {
+        // Refused before it starts: recorded, counted, logged.
+        let refuse = |err: Error| {
+            self.access.audit_refusal(&caller, operation, &err);
+            let status = crate::api::log_failure(&err, &[]);
+            crate::metrics::global().request(operation, status.code(), Duration::ZERO);
+            status
+        };
+        // A caller without the right holds no slot, even for a moment.
+        let right = if operation == "WrapStream" {
+            Operation::Wrap
+        } else {
+            Operation::Unwrap
+        };
+        self.access
+            .policy
+            .check_any(&caller, &[right])
+            .map_err(refuse)?;
         let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
-            let err = Error::TooManyStreams {
+            refuse(Error::TooManyStreams {
                 limit: self.config.streams.max_concurrent,
-            };
-            tracing::info!(error = %err, "streaming call refused");
-            crate::metrics::global().request(
-                operation,
-                tonic::Code::ResourceExhausted,
-                Duration::ZERO,
-            );
-            to_status(&err, &[])
+            })
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
@@ -352,7 +356,7 @@ impl Streams {
     /// RESOURCE_EXHAUSTED when all stream slots are taken.
     pub fn wrap(
         &self,
-        input: Streaming<WrapStreamRequest>,
+        input: Input<WrapStreamRequest>,
         caller: Caller,
     ) -> Result<ResponseStream<WrapStreamResponse>, Status> {
         self.spawn(
@@ -372,7 +376,7 @@ impl Streams {
     /// RESOURCE_EXHAUSTED when all stream slots are taken.
     pub fn unwrap(
         &self,
-        input: Streaming<UnwrapStreamRequest>,
+        input: Input<UnwrapStreamRequest>,
         caller: Caller,
     ) -> Result<ResponseStream<UnwrapStreamResponse>, Status> {
         self.spawn(
@@ -391,7 +395,7 @@ impl Streams {
 
     async fn run_wrap(
         &self,
-        input: &mut Streaming<WrapStreamRequest>,
+        input: &mut Input<WrapStreamRequest>,
         out: &Sender<WrapStreamResponse>,
         record: &mut Record,
     ) -> Result<(), Error> {
@@ -482,7 +486,7 @@ impl Streams {
 
     async fn run_unwrap(
         &self,
-        input: &mut Streaming<UnwrapStreamRequest>,
+        input: &mut Input<UnwrapStreamRequest>,
         out: &Sender<UnwrapStreamResponse>,
         context_keys: &mut Vec<String>,
         record: &mut Record,
@@ -618,14 +622,68 @@ impl Streams {
     clippy::option_option,
     reason = "not ready / ended / message are three distinct answers"
 )]
-fn try_next<M>(input: &mut Streaming<M>) -> Result<Option<Option<M>>, Error> {
+fn try_next<M>(input: &mut Input<M>) -> Result<Option<Option<M>>, Error> {
     use std::task::{Context, Poll, Waker};
     let mut cx = Context::from_waker(Waker::noop());
-    match std::pin::Pin::new(input).poll_next(&mut cx) {
+    match std::pin::Pin::new(&mut input.inner).poll_next(&mut cx) {
         Poll::Pending => Ok(None),
-        Poll::Ready(None) => Ok(Some(None)),
+        Poll::Ready(None) => input
+            .end()
+            .map(|()| Some(None))
+            .map_err(|status| crate::status::from_transport(&status)),
         Poll::Ready(Some(Ok(msg))) => Ok(Some(Some(msg))),
         Poll::Ready(Some(Err(status))) => Err(crate::status::from_transport(&status)),
+    }
+}
+
+/// Set by the server's request layer when a streaming call's request body
+/// fails (the client reset the stream) rather than ending: tonic reports
+/// both as the end of the request stream.
+#[derive(Debug, Clone, Default)]
+pub struct RequestReset(Arc<std::sync::atomic::AtomicBool>);
+
+impl RequestReset {
+    /// Records that the request body failed.
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn happened(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A streaming call's request messages, telling the client's end of the
+/// stream from its reset (CANCELLED / STREAM_ABORTED), so that a cancelled
+/// WrapStream is never sealed as if complete and a cancelled UnwrapStream
+/// is not reported as a corrupt envelope.
+#[derive(Debug)]
+pub struct Input<M> {
+    inner: Streaming<M>,
+    reset: Option<RequestReset>,
+}
+
+impl<M> Input<M> {
+    /// The messages of `inner`; `reset` is the flag the server's request
+    /// layer put in the request's extensions.
+    pub fn new(inner: Streaming<M>, reset: Option<RequestReset>) -> Self {
+        Self { inner, reset }
+    }
+
+    /// The next message; `None` at the client's end of the stream.
+    async fn message(&mut self) -> Result<Option<M>, Status> {
+        match self.inner.message().await? {
+            Some(msg) => Ok(Some(msg)),
+            None => self.end().map(|()| None),
+        }
+    }
+
+    /// At the end of the messages: an error if it was a reset.
+    fn end(&self) -> Result<(), Status> {
+        if self.reset.as_ref().is_some_and(RequestReset::happened) {
+            return Err(Status::cancelled("the client reset the stream"));
+        }
+        Ok(())
     }
 }
 

@@ -414,6 +414,23 @@ fn policy_file_mistakes_are_explained() {
             "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkey = \"*\"\n",
             "unknown field \"key\"",
         ),
+        (
+            "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkeys = [\"\"]\n",
+            "an empty key name",
+        ),
+        (
+            // A typo next to "*" is still a typo.
+            "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkeys = [\"*\", \"lcoal-key\"]\n",
+            "key \"lcoal-key\" is not one of the configured keys",
+        ),
+        (
+            "[[allow]]\ncaller = \"*\"\noperations = \"*\"\nkeys = []\n",
+            "\"keys\" is empty",
+        ),
+        (
+            "[[allow]]\ncaller = \"spiffe://td/ns/app/../*\"\noperations = \"*\"\nkeys = \"*\"\n",
+            "no . or .. path segments",
+        ),
         ("[allow]\ncaller = \"*\"\n", "write [[allow]]"),
         ("[[deny]]\ncaller = \"*\"\n", "unknown key \"deny\""),
     ];
@@ -424,4 +441,200 @@ fn policy_file_mistakes_are_explained() {
             "{err:?} should contain {expected:?}"
         );
     }
+}
+
+/// The audit trail's events, parsed just enough: (caller, operation, code,
+/// reason) of each line.
+fn audit_events(path: &std::path::Path) -> Vec<(String, String, String, String)> {
+    let field = |line: &str, name: &str| -> String {
+        line.split(&format!("\"{name}\":\""))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            (
+                field(l, "caller"),
+                field(l, "operation"),
+                field(l, "code"),
+                field(l, "reason"),
+            )
+        })
+        .collect()
+}
+
+/// Callers without any right are refused before they hold anything: no
+/// stream slot (one slot here, and the allowed caller still gets it), no
+/// look-up of the requested key (so the refusal lists no configured keys),
+/// and every refusal is in the audit trail.
+#[tokio::test]
+async fn callers_without_rights_hold_nothing_and_learn_nothing() {
+    let (uid, _) = my_ids();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("kms.sock");
+    let audit_file = dir.path().join("audit.jsonl");
+    let keyring = local_keyring(3);
+    let policy = Policy::parse(
+        &format!(
+            "[[allow]]\ncaller = \"uid:{uid}\"\noperations = [\"wrap\", \"unwrap\"]\nkeys = \"*\"\n"
+        ),
+        &keyring,
+    )
+    .unwrap();
+    let access = Access {
+        policy,
+        audit: kms_sidecar::audit::Audit::open(
+            &kms_sidecar::audit::AuditSink::File(audit_file.clone()),
+            None,
+        )
+        .unwrap(),
+        bind_caller: false,
+    };
+    let mut config = ServiceConfig::default();
+    config.streams.max_concurrent = 1;
+    let sidecar =
+        Sidecar::start_with_access(keyring, config, &[ListenAddr::Unix(sock.clone())], access)
+            .await;
+    let unix = kms_sidecar::client::connect(&format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let tcp = sidecar.channel().await;
+
+    // The anonymous TCP caller opens a WrapStream and sends nothing: refused
+    // at once, so the one slot stays free for the allowed caller.
+    let (_hold, rx) = tokio::sync::mpsc::channel::<WrapStreamRequest>(1);
+    let refused = KeyServiceClient::new(tcp.clone())
+        .wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    denied(refused, "anonymous", "wrap");
+    assert!(wrap_stream(&unix).await.is_ok(), "the slot is free");
+
+    // Asking for an unknown key: denied before the key is looked up.
+    for key_id in ["no-such-key", ""] {
+        let status = KeyServiceClient::new(tcp.clone())
+            .wrap(WrapRequest {
+                key_id: key_id.into(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            !status.message().contains("local-key"),
+            "no configured key named: {}",
+            status.message()
+        );
+    }
+    let status = KeyServiceClient::new(tcp.clone())
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: "no-such-key".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(!status.message().contains("local-key"));
+    denied(
+        unwrap(&tcp, b"not even an envelope").await,
+        "anonymous",
+        "unwrap",
+    );
+    sidecar.stop().await;
+
+    let events = audit_events(&audit_file);
+    let anonymous: Vec<_> = events
+        .iter()
+        .filter(|e| e.0 == "anonymous")
+        .map(|e| (e.1.as_str(), e.2.as_str(), e.3.as_str()))
+        .collect();
+    assert_eq!(
+        anonymous,
+        [
+            ("WrapStream", "PERMISSION_DENIED", "CALLER_NOT_AUTHORIZED"),
+            ("Wrap", "PERMISSION_DENIED", "CALLER_NOT_AUTHORIZED"),
+            ("Wrap", "PERMISSION_DENIED", "CALLER_NOT_AUTHORIZED"),
+            (
+                "GenerateDataKey",
+                "PERMISSION_DENIED",
+                "CALLER_NOT_AUTHORIZED"
+            ),
+            ("Unwrap", "PERMISSION_DENIED", "CALLER_NOT_AUTHORIZED"),
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.0 == format!("uid:{uid}") && e.1 == "WrapStream" && e.2 == "OK"),
+        "{events:?}"
+    );
+}
+
+/// A unary call dropped before it finished (here: the client's deadline
+/// passed while KMS did not answer) still leaves its audit event, marked
+/// CANCELLED / CALL_ABANDONED, although KMS was called.
+#[tokio::test]
+async fn abandoned_unary_calls_are_audited() {
+    use common::kms_proxy::{Fault, KmsProxy};
+    let arn = common::create_key(&common::kms_client()).await;
+    let proxy = KmsProxy::start(&common::kms_server().endpoint).await;
+    let keyring = common::production_keyring(
+        &proxy.endpoint,
+        &kms_sidecar::keyring::kms_client::KmsSettings::default(),
+        std::slice::from_ref(&arn),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit_file = dir.path().join("audit.jsonl");
+    let access = Access {
+        policy: Policy::allow_all(),
+        audit: kms_sidecar::audit::Audit::open(
+            &kms_sidecar::audit::AuditSink::File(audit_file.clone()),
+            None,
+        )
+        .unwrap(),
+        bind_caller: false,
+    };
+    let sidecar = Sidecar::start_with_access(keyring, ServiceConfig::default(), &[], access).await;
+    // KMS receives the call (the proxy records it) and never answers.
+    proxy.inject(Some("GenerateDataKey"), Fault::BlackHole, None);
+    let mut request = tonic::Request::new(WrapRequest {
+        plaintext: b"x".to_vec(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = KeyServiceClient::new(sidecar.channel().await)
+        .wrap(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    // The handler was dropped when the deadline passed; give the write a
+    // moment, then look.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let events = loop {
+        let events = audit_events(&audit_file);
+        if !events.is_empty() || std::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        events,
+        [(
+            "anonymous".to_owned(),
+            "Wrap".to_owned(),
+            "CANCELLED".to_owned(),
+            "CALL_ABANDONED".to_owned()
+        )]
+    );
+    // (The deep health probe may have made one more.)
+    assert!(
+        proxy.count("GenerateDataKey") >= 1,
+        "KMS was called: the event matters"
+    );
+    sidecar.stop().await;
 }

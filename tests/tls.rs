@@ -153,6 +153,28 @@ impl Pki {
         make_leaf(d, "ca", "billing", &format!("URI:{BILLING}"), "clientAuth");
         make_leaf(d, "ca", "reports", "DNS:reports.internal", "clientAuth");
         make_leaf(d, "ca", "nameless", "email:x@example.org", "clientAuth");
+        // Names a CA that lets tenants pick their SANs might sign.
+        make_leaf(
+            d,
+            "ca",
+            "posing",
+            "DNS:Reports.Internal.,URI:uid:1000,URI:anonymous",
+            "clientAuth",
+        );
+        make_leaf(
+            d,
+            "ca",
+            "two-uris",
+            &format!("URI:spiffe://example.org/ns/victim/sa/x,URI:{BILLING}"),
+            "clientAuth",
+        );
+        make_leaf(
+            d,
+            "ca",
+            "dot-dot",
+            "URI:spiffe://example.org/ns/billing/../admin/sa/x",
+            "clientAuth",
+        );
         make_leaf(
             d,
             "other-ca",
@@ -571,5 +593,79 @@ fn tls_flag_mistakes_are_explained() {
     assert!(
         err.contains("cannot read TLS certificate") && err.contains("missing.pem"),
         "{err}"
+    );
+}
+
+/// A certificate has one identity, the same for the policy, caller binding
+/// and the audit trail: URIs that are not `scheme://` identities (`uid:1000`,
+/// `anonymous`) are ignored, so they never pose as Unix or anonymous
+/// callers; DNS names are compared lower-case; two identity URIs, or a URI
+/// with `..` segments, leave the certificate without identity (anonymous).
+#[tokio::test]
+async fn a_certificate_has_one_unambiguous_identity() {
+    let pki = Pki::new();
+    let policy = format!(
+        r#"
+[[allow]]
+caller = "dns:reports.internal"
+operations = ["wrap", "unwrap"]
+keys = "*"
+
+[[allow]]
+caller = "spiffe://example.org/ns/billing/*"
+operations = ["wrap", "unwrap"]
+keys = "*"
+
+[[allow]]
+caller = "{BILLING}"
+operations = ["generate-data-key"]
+keys = "*"
+"#
+    );
+    let sidecar = start_with(&pki, &policy, &["--bind-caller"]).await;
+    let posing = pki.channel(sidecar.port, Some("posing")).await.unwrap();
+    let reports = pki.channel(sidecar.port, Some("reports")).await.unwrap();
+
+    // "posing" is dns:reports.internal (its URIs are not identities): it
+    // binds as that name, and "reports" opens what it wrapped.
+    let envelope = wrap(&posing).await.unwrap();
+    let parsed = kms_sidecar::envelope::parse_header(&envelope, &Default::default())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        parsed.header.context.get("kms-sidecar:caller"),
+        Some("dns:reports.internal")
+    );
+    assert_eq!(unwrap(&reports, &envelope).await.unwrap(), b"data");
+
+    // Ambiguous or path-escaping URIs: anonymous, denied by name.
+    for cert in ["two-uris", "dot-dot"] {
+        let channel = pki.channel(sidecar.port, Some(cert)).await.unwrap();
+        denied(wrap(&channel).await, "anonymous", "wrap");
+    }
+
+    // The reserved context key cannot be set through GenerateDataKey
+    // either: a data key made with it would let its holder build an
+    // envelope bound to another identity.
+    let billing = pki.channel(sidecar.port, Some("billing")).await.unwrap();
+    let status = KeyServiceClient::new(billing)
+        .generate_data_key(GenerateDataKeyRequest {
+            encryption_context: ctx(&[("kms-sidecar:caller", "dns:reports.internal")]),
+            ..Default::default()
+        })
+        .await
+        .expect_err("reserved key");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "INVALID_REQUEST");
+
+    let audit = std::fs::read_to_string(&sidecar.audit).unwrap();
+    let callers: Vec<&str> = audit
+        .lines()
+        .filter_map(|l| l.split("\"caller\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(callers.contains(&"dns:reports.internal"), "{callers:?}");
+    assert!(
+        !callers.contains(&"uid:1000"),
+        "no certificate is audited as a Unix caller: {callers:?}"
     );
 }

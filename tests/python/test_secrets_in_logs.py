@@ -95,7 +95,7 @@ def check_audit(log: bytes, key_id: str):
     lines = [l for l in log.decode(errors="replace").splitlines() if l.startswith('{"time"')]
     events = [json.loads(l) for l in lines]
     ops = [e["operation"] for e in events]
-    assert ops == ["GenerateDataKey", "GenerateDataKey", "Wrap", "Unwrap", "Unwrap", "Unwrap", "Wrap"], ops
+    assert ops == ["GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "Wrap", "Unwrap", "Unwrap", "Unwrap", "Wrap"], ops
     hashed = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
     for e in events:
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", e["time"]), e
@@ -111,7 +111,7 @@ def check_audit(log: bytes, key_id: str):
     assert unwrap_ok["context"]["k"] == wrap["context"]["k"]
     assert bad_value["context"]["k"] != wrap["context"]["k"]
     for failed in (bad_value, no_context):
-        assert failed["code"] == "InvalidArgument" and failed["reason"] == "DECRYPT_AUTH_FAILED", failed
+        assert failed["code"] == "INVALID_ARGUMENT" and failed["reason"] == "DECRYPT_AUTH_FAILED", failed
         assert failed["key_id"] is None
     assert no_context["context"] == {}
     assert unix_wrap["caller"] == f"uid:{os.getuid()}" and unix_wrap["gid"] == os.getgid()

@@ -142,3 +142,61 @@ def test_client_subcommand_files_and_pipes(local_sidecar, raw_provider, tmp_path
     assert bad.returncode == 1
     assert "DECRYPT_AUTH_FAILED" in bad.stderr
     assert not target.exists() and not (tmp_path / "never.bin.partial").exists()
+
+
+def test_cancelled_streams_are_neither_sealed_nor_blamed_on_the_data(local_key, pb, tmp_path):
+    """A client that cancels (RST_STREAM) a WrapStream midway does not get
+    its partial input sealed as a complete envelope, and a cancelled
+    UnwrapStream is not reported as a corrupt envelope: both are audited
+    (and counted) as CANCELLED / STREAM_ABORTED."""
+    import json
+    import threading
+    import time
+
+    from conftest import start_sidecar
+
+    audit = tmp_path / "audit.jsonl"
+    sidecar = start_sidecar(
+        ["--local-key-file", str(local_key[0]), "--audit-log", str(audit)]
+    )
+    try:
+        m, services = pb
+        stub = services.KeyServiceStub(sidecar.channel())
+        envelope = stub.Wrap(m.WrapRequest(plaintext=os.urandom(100_000))).envelope
+
+        def cancel_after_first(first):
+            release = threading.Event()
+
+            def requests():
+                yield first
+                release.wait(10)
+
+            return requests, release
+
+        for method, first in (
+            ("WrapStream", m.WrapStreamRequest(chunk=b"x" * 3000)),
+            ("UnwrapStream", m.UnwrapStreamRequest(chunk=envelope[: len(envelope) // 2])),
+        ):
+            requests, release = cancel_after_first(first)
+            call = getattr(stub, method)(requests())
+            time.sleep(0.3)  # the sidecar has read the first message
+            call.cancel()
+            release.set()
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            events = [json.loads(l) for l in audit.read_text().splitlines()]
+            streams = [e for e in events if e["operation"] in ("WrapStream", "UnwrapStream")]
+            if len(streams) == 2:
+                break
+            time.sleep(0.05)
+        assert [(e["operation"], e["code"], e["reason"]) for e in streams] == [
+            ("WrapStream", "CANCELLED", "STREAM_ABORTED"),
+            ("UnwrapStream", "CANCELLED", "STREAM_ABORTED"),
+        ], streams
+        assert streams[0]["bytes_in"] == 3000
+    finally:
+        assert sidecar.stop() == 0

@@ -6,12 +6,16 @@ happens when the process that started it exits, however it exits. So a test
 binary never leaves a server behind.
 """
 
+import logging
 import sys
 
 from moto.server import ThreadedMotoServer
 
 
 def main() -> None:
+    # One access-log line per KMS call drowns the test and benchmark output;
+    # errors still show.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()
