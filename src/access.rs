@@ -652,3 +652,64 @@ impl Access {
         Ok(supplied)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::PeerNames;
+
+    fn name(uris: &[&str], dns: &[&str]) -> Option<CertName> {
+        CertName::from_names(&PeerNames {
+            uris: uris.iter().map(|s| (*s).to_owned()).collect(),
+            dns: dns.iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+
+    #[test]
+    fn a_certificate_is_known_by_one_name() {
+        let svid = "spiffe://example.org/ns/billing/sa/api";
+        assert_eq!(name(&[svid], &["x.svc"]), Some(CertName::Uri(svid.into())));
+        // Not identity URIs: ignored, never a Unix or anonymous caller.
+        for other in ["uid:1000", "anonymous", "gid:0", "dns:x", "://x", "1a://x"] {
+            assert_eq!(
+                name(&[other], &["Web.Example.", "b.example"]),
+                Some(CertName::Dns("web.example".into())),
+                "{other}"
+            );
+            assert_eq!(name(&[other], &[]), None, "{other}");
+        }
+        // Path tricks a prefix rule could be fooled by.
+        for tricky in [
+            "spiffe://example.org/ns/billing/../admin",
+            "spiffe://example.org/ns/billing/./x",
+            "spiffe://example.org/ns/billing/%2E%2E/admin",
+            "spiffe://example.org/ns/billing/*",
+            "spiffe://example.org/ns/bill ing",
+        ] {
+            assert_eq!(name(&[tricky], &[]), None, "{tricky}");
+        }
+        // Two identity URIs: ambiguous, so no identity at all.
+        assert_eq!(
+            name(&[svid, "spiffe://example.org/ns/victim/sa/x"], &["a"]),
+            None
+        );
+        // One identity URI among other URIs is still the one.
+        assert_eq!(
+            name(&["uid:1000", svid], &[]),
+            Some(CertName::Uri(svid.into()))
+        );
+        assert_eq!(name(&[], &["*.example", ""]), None);
+    }
+
+    #[test]
+    fn labels_never_collide_across_kinds() {
+        let cert = |name| Caller::Certificate { name, peer: None };
+        assert_eq!(cert(CertName::Dns("a.b".into())).label(), "dns:a.b");
+        assert_eq!(
+            cert(CertName::Uri("spiffe://t/x".into())).label(),
+            "spiffe://t/x"
+        );
+        assert_eq!(Caller::Unix { uid: 1, gid: 2 }.label(), "uid:1");
+        assert_eq!(Caller::Anonymous { peer: None }.label(), "anonymous");
+    }
+}
