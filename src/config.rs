@@ -310,6 +310,13 @@ pub struct Args {
     #[arg(long, env = "KMS_SIDECAR_MAX_INFLIGHT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_inflight_bytes: usize,
 
+    /// Client connections open at once, over all listeners (each idle
+    /// HTTP/2 connection holds about 20 KB); a connection beyond it is
+    /// closed as soon as it is accepted, so clients see a refusal at once
+    /// instead of a hang.
+    #[arg(long, env = "KMS_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
     /// Bound on a unary call, from its first request byte to its reply
     /// (DEADLINE_EXCEEDED after it); a client's shorter grpc-timeout wins.
     #[arg(long, env = "KMS_SIDECAR_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -599,6 +606,7 @@ impl std::fmt::Display for Config {
         writeln!(f, "frame-length = {}", svc.frame_length)?;
         writeln!(f, "max-message-bytes = {}", svc.max_message_bytes)?;
         writeln!(f, "max-inflight-bytes = {}", svc.max_inflight_bytes)?;
+        writeln!(f, "max-connections = {}", svc.max_connections)?;
         writeln!(
             f,
             "health-probe-interval = {}",
@@ -716,6 +724,8 @@ pub struct ServiceConfig {
     pub streams: StreamConfig,
     /// Unary request bytes in progress at once.
     pub max_inflight_bytes: usize,
+    /// Client connections open at once, over all listeners.
+    pub max_connections: usize,
     /// Bound on a unary call, from its first byte to its reply.
     pub request_timeout: Duration,
     /// Interval of the deep health probe (a real data key round trip on
@@ -751,6 +761,7 @@ impl Default for ServiceConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             streams: StreamConfig::default(),
             max_inflight_bytes: 64 * 1024 * 1024,
+            max_connections: 1024,
             health_probe_interval: Some(Duration::from_secs(30)),
             request_timeout: Duration::from_secs(30),
             cache: CacheConfig::default(),
@@ -916,6 +927,9 @@ impl TryFrom<Args> for Config {
         if a.max_concurrent_streams == 0 {
             return Err("--max-concurrent-streams must be at least 1".into());
         }
+        if a.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
         Ok(Self {
             listen,
             keyring,
@@ -927,6 +941,7 @@ impl TryFrom<Args> for Config {
                 frame_length: a.frame_length,
                 max_message_bytes: a.max_message_bytes,
                 max_inflight_bytes: a.max_inflight_bytes,
+                max_connections: a.max_connections,
                 request_timeout: a.request_timeout,
                 health_probe_interval: (!a.health_probe_interval.is_zero())
                     .then_some(a.health_probe_interval),

@@ -206,6 +206,7 @@ pub async fn serve_with(
     let service = KeyServiceImpl::new(materials, Arc::clone(&access), config);
     let activity = Arc::new(Activity::default());
     let budget = Budget::new(config.max_inflight_bytes);
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let mut socket_paths = Vec::new();
@@ -250,16 +251,27 @@ pub async fn serve_with(
                 let incoming = tonic::transport::server::TcpIncoming::from(l)
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(Duration::from_secs(60)));
-                tasks.spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+                tasks.spawn(router.serve_with_incoming_shutdown(
+                    limit_connections(incoming, &connections, config.max_connections),
+                    stopped,
+                ));
             }
             Listener::Tls(l, tls) => {
-                tasks.spawn(router.serve_with_incoming_shutdown(tls.incoming(l), stopped));
+                tasks.spawn(router.serve_with_incoming_shutdown(
+                    limit_connections(tls.incoming(l), &connections, config.max_connections),
+                    stopped,
+                ));
             }
             Listener::Unix(l, path) => {
                 socket_paths.push(path);
-                tasks.spawn(
-                    router.serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped),
-                );
+                tasks.spawn(router.serve_with_incoming_shutdown(
+                    limit_connections(
+                        UnixListenerStream::new(l),
+                        &connections,
+                        config.max_connections,
+                    ),
+                    stopped,
+                ));
             }
         }
     }
@@ -322,6 +334,92 @@ pub async fn serve_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Gives each accepted connection one of the `slots` (shared by all
+/// listeners) for as long as it is open; a connection accepted when none is
+/// free is closed at once (the client sees the connection refused or reset,
+/// never a hang), and the refusal is logged.
+fn limit_connections<S, T>(
+    incoming: S,
+    slots: &Arc<tokio::sync::Semaphore>,
+    max: usize,
+) -> impl tokio_stream::Stream<Item = Result<Counted<T>, std::io::Error>> + use<S, T>
+where
+    S: tokio_stream::Stream<Item = Result<T, std::io::Error>>,
+{
+    use tokio_stream::StreamExt as _;
+    let slots = Arc::clone(slots);
+    incoming.filter_map(move |accepted| match accepted {
+        Err(e) => Some(Err(e)),
+        Ok(conn) => match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => Some(Ok(Counted {
+                inner: conn,
+                _slot: permit,
+            })),
+            Err(_) => {
+                tracing::warn!(
+                    max_connections = max,
+                    "connection refused: --max-connections reached"
+                );
+                None
+            }
+        },
+    })
+}
+
+/// A connection holding a connection slot until it is closed.
+pub struct Counted<T> {
+    inner: T,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Counted<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Runs the deep health probe every `every` and sets the KeyService status

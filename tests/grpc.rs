@@ -596,3 +596,72 @@ async fn small_frames_keep_unary_replies_within_the_limit() {
     assert!(err.message().contains("WrapStream"));
     sidecar.stop().await;
 }
+
+/// `--max-connections`: connections beyond the limit are closed as soon as
+/// they are accepted (the client fails fast, it does not hang), and a slot
+/// frees when a connection closes.
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_at_once() {
+    use std::time::{Duration, Instant};
+    let config = ServiceConfig {
+        max_connections: 2,
+        ..ServiceConfig::default()
+    };
+    let sidecar = Sidecar::start_with(local_keyring(1), config, &[]).await;
+    let wrap = |channel: tonic::transport::Channel| async move {
+        KeyServiceClient::new(channel)
+            .wrap(WrapRequest {
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
+            .await
+    };
+    let first = sidecar.channel().await;
+    let second = sidecar.channel().await;
+    wrap(first.clone()).await.unwrap();
+    wrap(second.clone()).await.unwrap();
+
+    let third = async {
+        let channel = tonic::transport::Endpoint::from_shared(sidecar.url())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        wrap(channel).await
+    };
+    let started = Instant::now();
+    let status = third
+        .await
+        .expect_err("a third connection is over the limit");
+    // tonic reports a connection closed under it as CANCELLED or
+    // UNAVAILABLE, depending on when it sees the close.
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused at once, not after a timeout: {:?}",
+        started.elapsed()
+    );
+
+    // Closing one connection frees its slot.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(sidecar.url())
+            .unwrap()
+            .connect()
+            .await
+            && wrap(channel).await.is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wrap(second).await.unwrap();
+    sidecar.stop().await;
+}
