@@ -340,6 +340,10 @@ pub async fn serve_with(
 /// listeners) for as long as it is open; a connection accepted when none is
 /// free is closed at once (the client sees the connection refused or reset,
 /// never a hang), and the refusal is logged.
+///
+/// An accept error (out of file descriptors, EMFILE) is logged and
+/// followed by a pause of [`ACCEPT_ERROR_PAUSE`]: the server's accept loop
+/// would otherwise retry at once, spinning a core until descriptors free.
 fn limit_connections<S, T>(
     incoming: S,
     slots: &Arc<tokio::sync::Semaphore>,
@@ -350,23 +354,37 @@ where
 {
     use tokio_stream::StreamExt as _;
     let slots = Arc::clone(slots);
-    incoming.filter_map(move |accepted| match accepted {
-        Err(e) => Some(Err(e)),
-        Ok(conn) => match Arc::clone(&slots).try_acquire_owned() {
-            Ok(permit) => Some(Ok(Counted {
-                inner: conn,
-                _slot: permit,
-            })),
-            Err(_) => {
-                tracing::warn!(
-                    max_connections = max,
-                    "connection refused: --max-connections reached"
-                );
-                None
+    incoming
+        .then(move |accepted| {
+            let slots = Arc::clone(&slots);
+            async move {
+                match accepted {
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing before the next accept");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        Some(Err(e))
+                    }
+                    Ok(conn) => match slots.try_acquire_owned() {
+                        Ok(permit) => Some(Ok(Counted {
+                            inner: conn,
+                            _slot: permit,
+                        })),
+                        Err(_) => {
+                            tracing::warn!(
+                                max_connections = max,
+                                "connection refused: --max-connections reached"
+                            );
+                            None
+                        }
+                    },
+                }
             }
-        },
-    })
+        })
+        .filter_map(|accepted| accepted)
 }
+
+/// Pause after an accept error (such as EMFILE) before accepting again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// A connection holding a connection slot until it is closed.
 pub struct Counted<T> {
@@ -940,5 +958,41 @@ where
             rewrite_too_large(resp.headers_mut());
             Ok(resp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt as _;
+
+    /// Accept errors are passed on after a pause (no busy loop on EMFILE);
+    /// connections beyond the slots are dropped, and a dropped connection
+    /// frees its slot.
+    #[tokio::test]
+    async fn accept_errors_pause_and_slots_bound_connections() {
+        let emfile = || Err(std::io::Error::from_raw_os_error(24));
+        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let accepted: Vec<Result<(), std::io::Error>> =
+            vec![emfile(), emfile(), emfile(), Ok(()), Ok(()), Ok(())];
+        let started = tokio::time::Instant::now();
+        let out: Vec<_> = limit_connections(tokio_stream::iter(accepted), &slots, 2)
+            .collect()
+            .await;
+        assert!(
+            started.elapsed() >= 3 * ACCEPT_ERROR_PAUSE,
+            "{:?}",
+            started.elapsed()
+        );
+        let errors = out.iter().filter(|r| r.is_err()).count();
+        let conns: Vec<_> = out.into_iter().filter_map(Result::ok).collect();
+        assert_eq!(
+            (errors, conns.len()),
+            (3, 2),
+            "the third connection is dropped"
+        );
+        assert_eq!(slots.available_permits(), 0);
+        drop(conns);
+        assert_eq!(slots.available_permits(), 2);
     }
 }
