@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 
+pub mod calls;
 pub mod kms_proxy;
 
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
