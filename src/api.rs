@@ -573,20 +573,9 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<tonic::Streaming<WrapStreamRequest>>,
     ) -> Result<Response<Self::WrapStreamStream>, Status> {
-        let caller = Caller::of(&request);
-        let _enter = tracing::info_span!(
-            "WrapStream",
-            caller = %caller.label(),
-            key_id = tracing::field::Empty,
-            cache_hit = tracing::field::Empty,
-            result = tracing::field::Empty,
-            code = tracing::field::Empty
-        )
-        .entered();
-        let reset = request.extensions().get::<RequestReset>().cloned();
-        self.streams
-            .wrap(Input::new(request.into_inner(), reset), caller)
-            .map(Response::new)
+        let (caller, input) = streaming_call(request);
+        let _enter = stream_span!("WrapStream", caller).entered();
+        self.streams.wrap(input, caller).map(Response::new)
     }
 
     type UnwrapStreamStream = ResponseStream<UnwrapStreamResponse>;
@@ -595,21 +584,33 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<tonic::Streaming<UnwrapStreamRequest>>,
     ) -> Result<Response<Self::UnwrapStreamStream>, Status> {
-        let caller = Caller::of(&request);
-        let _enter = tracing::info_span!(
-            "UnwrapStream",
-            caller = %caller.label(),
+        let (caller, input) = streaming_call(request);
+        let _enter = stream_span!("UnwrapStream", caller).entered();
+        self.streams.unwrap(input, caller).map(Response::new)
+    }
+}
+
+/// The span of a streaming call, with the fields the call's task fills in.
+macro_rules! stream_span {
+    ($name:literal, $caller:expr) => {
+        tracing::info_span!(
+            $name,
+            caller = %$caller.label(),
             key_id = tracing::field::Empty,
             cache_hit = tracing::field::Empty,
             result = tracing::field::Empty,
             code = tracing::field::Empty
         )
-        .entered();
-        let reset = request.extensions().get::<RequestReset>().cloned();
-        self.streams
-            .unwrap(Input::new(request.into_inner(), reset), caller)
-            .map(Response::new)
-    }
+    };
+}
+use stream_span;
+
+/// A streaming call's caller and request messages (with the reset flag the
+/// server's request layer attached).
+fn streaming_call<M>(request: Request<tonic::Streaming<M>>) -> (Caller, Input<M>) {
+    let caller = Caller::of(&request);
+    let reset = request.extensions().get::<RequestReset>().cloned();
+    (caller, Input::new(request.into_inner(), reset))
 }
 
 /// Shows the length of secret bytes, never the bytes.
