@@ -307,6 +307,19 @@ static OTEL: OnceLock<OtelInstruments> = OnceLock::new();
 
 use opentelemetry::KeyValue;
 
+/// Observes a cache figure per side (`side` = `encrypt`, `decrypt`), when
+/// the cache is on.
+fn observe_sides(
+    observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>,
+    pick: impl Fn(&crate::cache::CacheStats) -> (u64, u64),
+) {
+    if let Some(stats) = global().cache_stats() {
+        let (encrypt, decrypt) = pick(&stats);
+        observer.observe(encrypt, &[KeyValue::new("side", "encrypt")]);
+        observer.observe(decrypt, &[KeyValue::new("side", "decrypt")]);
+    }
+}
+
 /// Registers the metrics with an OpenTelemetry meter (OTLP export): the
 /// counters and gauges of [`Metrics::render`] as observable instruments,
 /// read at each export, and the two latency histograms.
@@ -359,24 +372,14 @@ pub fn register_otel(meter: &opentelemetry::metrics::Meter) {
         meter
             .u64_observable_counter("kms_sidecar.cache.hits")
             .with_description("Data keys served by the cache, by side.")
-            .with_callback(|o| {
-                if let Some(s) = global().cache_stats() {
-                    o.observe(s.encrypt_hits, &[KeyValue::new("side", "encrypt")]);
-                    o.observe(s.decrypt_hits, &[KeyValue::new("side", "decrypt")]);
-                }
-            })
+            .with_callback(|o| observe_sides(o, |s| (s.encrypt_hits, s.decrypt_hits)))
             .build(),
     ));
     observers.push(Box::new(
         meter
             .u64_observable_counter("kms_sidecar.cache.misses")
             .with_description("Cache lookups that asked KMS, by side.")
-            .with_callback(|o| {
-                if let Some(s) = global().cache_stats() {
-                    o.observe(s.encrypt_misses, &[KeyValue::new("side", "encrypt")]);
-                    o.observe(s.decrypt_misses, &[KeyValue::new("side", "decrypt")]);
-                }
-            })
+            .with_callback(|o| observe_sides(o, |s| (s.encrypt_misses, s.decrypt_misses)))
             .build(),
     ));
     observers.push(Box::new(
@@ -402,12 +405,7 @@ pub fn register_otel(meter: &opentelemetry::metrics::Meter) {
         meter
             .u64_observable_gauge("kms_sidecar.cache.entries")
             .with_description("Cache entries now, by side.")
-            .with_callback(|o| {
-                if let Some(s) = global().cache_stats() {
-                    o.observe(s.encrypt_entries, &[KeyValue::new("side", "encrypt")]);
-                    o.observe(s.decrypt_entries, &[KeyValue::new("side", "decrypt")]);
-                }
-            })
+            .with_callback(|o| observe_sides(o, |s| (s.encrypt_entries, s.decrypt_entries)))
             .build(),
     ));
     observers.push(Box::new(
