@@ -89,9 +89,23 @@ impl CertName {
             .dns
             .iter()
             .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
-            .find(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_graphic() && b != b'*'))
+            .find(|d| is_dns_name(d))
             .map(Self::Dns)
     }
+}
+
+/// Whether `name` is a DNS name (letters, digits, `-` and `.`, no empty
+/// label): anything else in a certificate's DNS SAN is ignored, so a DNS
+/// identity's label (`dns:NAME`) can never equal a URI identity's
+/// (`dns://…`).
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Whether `uri` can name a caller: `scheme://rest`, with an ASCII scheme,
@@ -429,12 +443,14 @@ fn parse_rule(rule: &toml::Table, keyring: &Keyring) -> Result<Rule, String> {
             } else if let Some(n) = other.strip_prefix("gid:") {
                 Who::Gid(parse_id(n)?)
             } else if let Some(name) = other.strip_prefix("dns:") {
-                if name.is_empty() || name.contains('*') {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if !is_dns_name(&name) {
                     return Err(format!(
-                        "invalid caller {other:?}: dns: needs one exact DNS name"
+                        "invalid caller {other:?}: dns: needs one exact DNS name \
+                         (letters, digits, - and .)"
                     ));
                 }
-                Who::Dns(name.trim_end_matches('.').to_ascii_lowercase())
+                Who::Dns(name)
             } else if let Some((scheme, rest)) = other.split_once("://") {
                 if scheme.is_empty() || rest.is_empty() {
                     return Err(format!(
@@ -699,6 +715,8 @@ mod tests {
             Some(CertName::Uri(svid.into()))
         );
         assert_eq!(name(&[], &["*.example", ""]), None);
+        // Not DNS names: never a `dns:` label that could equal a URI's.
+        assert_eq!(name(&[], &["//example.org/ns/app", "a..b", "a_b.c"]), None);
     }
 
     #[test]

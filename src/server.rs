@@ -231,10 +231,21 @@ pub async fn serve_with(
                 access: Arc::clone(&admission_access),
                 peek_timeout,
             }))
-            .add_service(health_service.clone())
-            .add_service(reflection_v1()?)
-            .add_service(reflection_v1alpha()?)
-            .add_service(AdminServiceServer::new(admin.clone()))
+            // Health, reflection and admin requests are tiny: a small
+            // decoding limit keeps callers (who need no right to reach
+            // health and reflection) from making the server buffer
+            // megabytes outside the unary budget.
+            .add_service(
+                health_service
+                    .clone()
+                    .max_decoding_message_size(CONTROL_MESSAGE_LIMIT),
+            )
+            .add_service(reflection_v1()?.max_decoding_message_size(CONTROL_MESSAGE_LIMIT))
+            .add_service(reflection_v1alpha()?.max_decoding_message_size(CONTROL_MESSAGE_LIMIT))
+            .add_service(
+                AdminServiceServer::new(admin.clone())
+                    .max_decoding_message_size(CONTROL_MESSAGE_LIMIT),
+            )
             .add_service(
                 KeyServiceServer::new(service.clone())
                     .max_decoding_message_size(config.max_message_bytes)
@@ -382,6 +393,9 @@ where
         })
         .filter_map(|accepted| accepted)
 }
+
+/// Largest request message of the health, reflection and admin services.
+const CONTROL_MESSAGE_LIMIT: usize = 16 * 1024;
 
 /// Pause after an accept error (such as EMFILE) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);

@@ -665,3 +665,24 @@ async fn connections_over_the_limit_are_refused_at_once() {
     wrap(second).await.unwrap();
     sidecar.stop().await;
 }
+
+/// Health (open to every caller) refuses large requests instead of
+/// buffering them outside the unary budget.
+#[tokio::test]
+async fn health_requests_are_small() {
+    let sidecar = Sidecar::start_with(local_keyring(1), ServiceConfig::default(), &[]).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "x".repeat(100 * 1024),
+        })
+        .await
+        .expect_err("100 KiB is over the 16 KiB limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let ok = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().status, 1, "SERVING");
+    sidecar.stop().await;
+}
