@@ -139,6 +139,10 @@ impl Caller {
     /// server put its connection's details.
     pub fn from_extensions(extensions: &http::Extensions) -> Self {
         use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+        // Found already by the server's admission layer.
+        if let Some(caller) = extensions.get::<Self>() {
+            return caller.clone();
+        }
         if let Some(info) = extensions.get::<UdsConnectInfo>()
             && let Some(cred) = info.peer_cred
         {

@@ -647,6 +647,7 @@ where
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(wrap(fut.await?, None)) });
         };
+        let mut req = req;
         if self.access.policy.is_enforced() {
             let caller = Caller::from_extensions(req.extensions());
             if let Err(denied) = self.access.policy.check_any(&caller, needs) {
@@ -655,6 +656,9 @@ where
                 crate::metrics::global().request(method, status.code(), Duration::ZERO);
                 return Box::pin(async move { Ok(wrap(status.into_http(), None)) });
             }
+            // The handler reads it from here instead of finding it again
+            // (for mTLS, parsing the client certificate).
+            req.extensions_mut().insert(caller);
         }
         // The inner service was made ready for this call; keep it, leave a
         // clone for the next.
